@@ -1,0 +1,94 @@
+"""The request-scoped collector: what one request records while it runs.
+
+A ``contextvars`` variable holds the collector for the life of one request (set
+by the middleware or ``monitor_request``, reset in ``finally``). Tasks created
+inside the request copy the context, so ``asyncio.gather`` and ``create_task``
+children record into the same request.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Final
+
+from lunamon.point import FieldValue, validate_field_value, validate_key, validate_tag_value
+
+__all__ = [
+    "RequestCollector",
+    "add_field",
+    "add_tag",
+    "current_request",
+]
+
+
+class RequestCollector:
+    """Tags, fields and step times of the request being served."""
+
+    __slots__ = ("extra_fields", "extra_tags", "request_id", "route", "steps")
+
+    def __init__(self, route: str, request_id: str) -> None:
+        self.route = route
+        self.request_id = request_id
+        self.steps: dict[str, float] = {}
+        self.extra_tags: dict[str, str] | None = None
+        self.extra_fields: dict[str, FieldValue] | None = None
+
+    def add_step(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to step ``name`` (a step timed twice is summed)."""
+        steps = self.steps
+        steps[name] = steps.get(name, 0.0) + seconds
+
+    def add_tag(self, key: str, value: str | int | float) -> None:
+        """Tag the request's points (both ``request`` and ``error``)."""
+        validate_key(key, "tag key")
+        text = validate_tag_value(value)
+        if self.extra_tags is None:
+            self.extra_tags = {}
+        if text is None:
+            self.extra_tags.pop(key, None)
+        else:
+            self.extra_tags[key] = text
+
+    def add_field(self, key: str, value: str | int | float | bool) -> None:
+        """Add a field to the request's ``request`` point."""
+        validate_key(key, "field key")
+        checked = validate_field_value(value)
+        if self.extra_fields is None:
+            self.extra_fields = {}
+        if checked is None:
+            self.extra_fields.pop(key, None)
+        else:
+            self.extra_fields[key] = checked
+
+    def __repr__(self) -> str:
+        return f"<RequestCollector route={self.route!r} request_id={self.request_id!r}>"
+
+
+current: Final[ContextVar[RequestCollector | None]] = ContextVar("lunamon_request", default=None)
+
+
+def current_request() -> RequestCollector | None:
+    """The collector of the monitored request being served, ``None`` outside one."""
+    return current.get()
+
+
+def add_tag(key: str, value: str | int | float) -> None:
+    """Add a tag to the current request's points; a no-op outside a monitored request.
+
+    Invalid keys raise ``ValueError``/``TypeError`` (a programming error); a value
+    InfluxDB cannot store is sanitised, an empty one drops the tag.
+    """
+    collector = current.get()
+    if collector is not None:
+        collector.add_tag(key, value)
+
+
+def add_field(key: str, value: str | int | float | bool) -> None:
+    """Add a field to the current request's ``request`` point; a no-op outside one.
+
+    NaN, infinities, ints beyond int64 and ``None`` are omitted (and counted);
+    other types raise ``TypeError`` here, not later.
+    """
+    collector = current.get()
+    if collector is not None:
+        collector.add_field(key, value)

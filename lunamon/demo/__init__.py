@@ -1,0 +1,1 @@
+"""The demo: a luna-handlers-like service, traffic for it, and its report."""

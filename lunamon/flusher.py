@@ -1,0 +1,361 @@
+"""Bounded, batched, asynchronous delivery of points to sinks.
+
+``emit`` is synchronous and O(1): it appends to one bounded buffer per sink and
+never awaits or raises. One task per sink takes batches out (every
+``flush_interval``, or as soon as ``batch_size`` points wait), keeps one write
+in flight, retries what may be retried with capped exponential backoff and
+jitter (honouring ``Retry-After``), splits batches the server finds too large,
+and accounts for every point::
+
+    emitted == written + sum(dropped.values()) + buffered      (per sink, always)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import time
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+
+from lunamon._log import RateLimitedLogger, logger
+from lunamon.point import Point
+from lunamon.sinks.base import BatchTooLarge, Sink, SinkError, sink_name
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # pragma: no cover - aiohttp brings async_timeout on 3.10
+    from async_timeout import timeout as _timeout  # type: ignore[import-not-found,unused-ignore]
+
+__all__ = ["DROP_REASONS", "FlushPolicy", "Flusher", "SinkStats"]
+
+DROP_REASONS: Final = ("overflow", "rejected", "retry_exhausted", "shutdown", "after_close")
+
+# Exceptions of a sink that mean "try again later" (network trouble).
+_TRANSIENT: Final = (OSError, asyncio.TimeoutError, aiohttp.ClientError, ConnectionError)
+
+SinkStats = dict[str, Any]
+
+# Points that tests capture with `lunamon.testing` (empty, and free, otherwise).
+_taps: list[list[Point]] = []
+
+
+@dataclass(frozen=True, slots=True)
+class FlushPolicy:
+    """How points are batched, retried and drained. Defaults follow LUNA and Telegraf."""
+
+    flush_interval: float = 1.0
+    batch_size: int = 5000
+    buffer_size: int = 100_000
+    shutdown_timeout: float = 5.0
+    max_retries: int = 10
+    retry_base_delay: float = 0.5
+    retry_max_delay: float = 30.0
+    write_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("flush_interval", "shutdown_timeout", "retry_base_delay", "write_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
+        if self.retry_max_delay < self.retry_base_delay:
+            raise ValueError("retry_max_delay must be >= retry_base_delay")
+        if self.batch_size < 1 or self.buffer_size < self.batch_size:
+            raise ValueError("need 1 <= batch_size <= buffer_size")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+
+
+class _Channel:
+    """One sink, its buffer and its counters."""
+
+    def __init__(self, sink: Sink, name: str, policy: FlushPolicy) -> None:
+        self.sink = sink
+        self.name = name
+        self.buffer: deque[Point] = deque()
+        self.buffer_size = policy.buffer_size
+        self.capacity = policy.buffer_size  # buffer_size minus the batch in flight
+        self.batch_size = policy.batch_size  # shrinks after a 413
+        self.inflight: list[Point] | None = None
+        self.attempts = 0
+        self.retry_after: float | None = None
+        self.backing_off = False
+        self.emitted = 0
+        self.written = 0
+        self.retries = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.wake: asyncio.Event | None = None
+        self.lock: asyncio.Lock | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def buffered(self) -> int:
+        return len(self.buffer) + (len(self.inflight) if self.inflight else 0)
+
+    def set_inflight(self, batch: list[Point] | None) -> None:
+        self.inflight = batch
+        self.capacity = self.buffer_size - (len(batch) if batch else 0)
+
+    def stats(self) -> SinkStats:
+        return {
+            "emitted": self.emitted,
+            "written": self.written,
+            "retries": self.retries,
+            "buffered": self.buffered(),
+            "dropped": dict(self.dropped),
+        }
+
+
+_live_flushers: weakref.WeakSet[Flusher] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    # Points buffered before fork() belong to the parent, which sends them.
+    for flusher in list(_live_flushers):
+        flusher._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+class Flusher:
+    """Buffers points per sink and delivers them in batches."""
+
+    def __init__(self, sinks: Sequence[Sink], policy: FlushPolicy | None = None) -> None:
+        self.policy = policy or FlushPolicy()
+        self._channels: list[_Channel] = []
+        seen: dict[str, int] = {}
+        for sink in sinks:
+            base = sink_name(sink)
+            seen[base] = seen.get(base, 0) + 1
+            name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+            self._channels.append(_Channel(sink, name, self.policy))
+        self._started = False
+        self._closed = False
+        self._log = RateLimitedLogger()
+        self._rng = random.Random()
+        _live_flushers.add(self)
+
+    # ------------------------------------------------------------------ hot path
+
+    def emit(self, point: Point) -> None:
+        """Queue ``point`` for every sink. Synchronous, O(1), never raises."""
+        if _taps:
+            for tap in _taps:
+                tap.append(point)
+        if self._closed:
+            for channel in self._channels:
+                channel.emitted += 1
+                channel.dropped["after_close"] += 1
+            return
+        batch_size = self.policy.batch_size
+        for channel in self._channels:
+            channel.emitted += 1
+            buffer = channel.buffer
+            if len(buffer) >= channel.capacity:
+                if buffer:
+                    buffer.popleft()
+                    channel.dropped["overflow"] += 1
+                else:  # the whole bound is taken by the batch in flight
+                    channel.dropped["overflow"] += 1
+                    continue
+            buffer.append(point)
+            if len(buffer) >= batch_size and not channel.backing_off and channel.wake:
+                channel.wake.set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def sink_names(self) -> list[str]:
+        return [c.name for c in self._channels]
+
+    async def start(self) -> None:
+        """Start the sinks and one delivery task per sink (idempotent)."""
+        if self._started or self._closed:
+            return
+        self._started = True
+        for channel in self._channels:
+            channel.wake = asyncio.Event()
+            channel.lock = asyncio.Lock()
+            try:
+                await channel.sink.start()
+            except Exception as exc:
+                logger.error("sink_start_failed", sink=channel.name, error=repr(exc)[:1024])
+            channel.task = asyncio.create_task(self._run(channel), name=f"lunamon:{channel.name}")
+
+    async def flush(self) -> None:
+        """One attempt per sink now to write everything buffered; never raises."""
+        if self._closed:
+            return
+        if not self._started:
+            await self.start()
+        await asyncio.gather(*(self._flush_now(c) for c in self._channels))
+
+    async def _flush_now(self, channel: _Channel) -> None:
+        assert channel.lock is not None
+        try:
+            async with channel.lock:
+                await self._attempt_all(channel)
+        except Exception as exc:  # pragma: no cover - _attempt_all catches sink errors
+            logger.error("flush_failed", sink=channel.name, error=repr(exc)[:1024])
+
+    async def close(self) -> None:
+        """Drain every buffer within ``shutdown_timeout``, count leftovers, close the sinks."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + self.policy.shutdown_timeout
+        for channel in self._channels:
+            if channel.task is not None:
+                channel.task.cancel()
+        for channel in self._channels:
+            if channel.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await channel.task
+        await asyncio.gather(*(self._drain(c, deadline) for c in self._channels))
+
+    async def _drain(self, channel: _Channel, deadline: float) -> None:
+        if channel.lock is None:
+            channel.lock = asyncio.Lock()
+        try:
+            async with _timeout(max(0.0, deadline - time.monotonic())), channel.lock:
+                while channel.buffered():
+                    if await self._attempt_all(channel):
+                        break
+                    delay = self._backoff(channel)
+                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        except asyncio.TimeoutError:
+            pass
+        left = channel.buffered()
+        if left:
+            channel.dropped["shutdown"] += left
+            channel.buffer.clear()
+            channel.set_inflight(None)
+            logger.warning("points_dropped_at_shutdown", sink=channel.name, count=left)
+        try:
+            async with _timeout(max(0.1, deadline - time.monotonic())):
+                await channel.sink.close()
+        except Exception as exc:
+            logger.error("sink_close_failed", sink=channel.name, error=repr(exc)[:1024])
+
+    def _reset_after_fork(self) -> None:
+        for channel in self._channels:
+            channel.buffer.clear()
+            channel.set_inflight(None)
+            channel.wake = channel.lock = channel.task = None
+        self._started = False
+
+    def stats(self) -> dict[str, SinkStats]:
+        """Counters per sink name; ``emitted == written + sum(dropped) + buffered``."""
+        return {c.name: c.stats() for c in self._channels}
+
+    # ------------------------------------------------------------------ delivery
+
+    async def _run(self, channel: _Channel) -> None:
+        assert channel.wake is not None
+        assert channel.lock is not None
+        timeout = self.policy.flush_interval
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with _timeout(timeout):
+                    await channel.wake.wait()
+            channel.wake.clear()
+            channel.backing_off = False
+            async with channel.lock:
+                done = await self._attempt_all(channel)
+            if done:
+                timeout = self.policy.flush_interval
+            else:
+                timeout = self._backoff(channel)
+                channel.backing_off = True
+
+    def _backoff(self, channel: _Channel) -> float:
+        policy = self.policy
+        if channel.retry_after is not None:
+            return min(max(float(channel.retry_after), 0.0), policy.retry_max_delay)
+        delay: float = min(
+            policy.retry_max_delay, policy.retry_base_delay * 2.0 ** (channel.attempts - 1)
+        )
+        return delay / 2 + self._rng.uniform(0, delay / 2)
+
+    async def _attempt_all(self, channel: _Channel) -> bool:
+        """Write batches until the buffer is empty (True) or one must wait for a retry (False)."""
+        buffer = channel.buffer
+        while True:
+            if channel.inflight is None:
+                if not buffer:
+                    return True
+                size = min(channel.batch_size, len(buffer))
+                channel.set_inflight([buffer.popleft() for _ in range(size)])
+                channel.attempts = 0
+                channel.retry_after = None
+            if not await self._write(channel, channel.inflight):  # type: ignore[arg-type]
+                return False
+
+    async def _write(self, channel: _Channel, batch: list[Point]) -> bool:
+        """One attempt at the batch in flight. False: keep it for a retry."""
+        try:
+            async with _timeout(self.policy.write_timeout):
+                await channel.sink.write(batch)
+        except BatchTooLarge as exc:
+            if len(batch) == 1:
+                self._drop(channel, "rejected", exc, "point_too_large")
+            else:
+                half = len(batch) // 2
+                channel.batch_size = max(1, min(channel.batch_size, half))
+                channel.buffer.extendleft(reversed(batch[half:]))
+                channel.set_inflight(batch[:half])
+            return True
+        except SinkError as exc:
+            if exc.retryable:
+                return self._retry(channel, exc, exc.retry_after)
+            self._drop(channel, "rejected", exc, "batch_rejected")
+            return True
+        except _TRANSIENT as exc:
+            return self._retry(channel, exc, None)
+        except Exception as exc:
+            self._drop(channel, "rejected", exc, "sink_raised")
+            return True
+        channel.written += len(batch)
+        channel.set_inflight(None)
+        return True
+
+    def _retry(self, channel: _Channel, exc: BaseException, retry_after: float | None) -> bool:
+        channel.attempts += 1
+        if channel.attempts > self.policy.max_retries:
+            self._drop(channel, "retry_exhausted", exc, "retry_budget_exhausted")
+            return True
+        channel.retries += 1
+        channel.retry_after = retry_after
+        self._log.log(
+            "warning",
+            "sink_write_failed",
+            key=channel.name,
+            sink=channel.name,
+            attempt=channel.attempts,
+            points=channel.buffered(),
+            error=str(exc)[:1024] or type(exc).__name__,
+        )
+        return False
+
+    def _drop(self, channel: _Channel, reason: str, exc: BaseException, event: str) -> None:
+        batch = channel.inflight or []
+        channel.dropped[reason] += len(batch)
+        channel.set_inflight(None)
+        status = getattr(exc, "status", None)
+        self._log.log(
+            "error",
+            event,
+            key=f"{channel.name}:{status}",
+            sink=channel.name,
+            count=len(batch),
+            status=status,
+            error=str(exc)[:1024] or type(exc).__name__,
+        )

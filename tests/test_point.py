@@ -1,0 +1,238 @@
+"""Point validation, the line-protocol encoder, and its parser (1.x semantics)."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lunamon.point import (
+    Point,
+    encode_lines,
+    encode_lines_async,
+    omitted_counts,
+    parse_line_protocol,
+    sanitize_tag_value,
+)
+
+
+def test_point_is_frozen_and_slotted() -> None:
+    p = Point("request", 1, {"route": "POST:/x"}, {"execution_time": 0.5})
+    with pytest.raises(AttributeError):
+        p.series = "other"  # type: ignore[misc]
+    assert not hasattr(p, "__dict__")
+    assert (p.series, p.time_ns, dict(p.tags), dict(p.fields)) == (
+        "request",
+        1,
+        {"route": "POST:/x"},
+        {"execution_time": 0.5},
+    )
+    assert pickle.loads(pickle.dumps(p)) == p
+
+
+def test_seed_point_line() -> None:
+    p = Point(
+        "request",
+        1700000000123456789,
+        {
+            "service": "luna-handlers",
+            "route": "POST:/handlers/{handlerId}/events",
+            "status_code": 201,
+        },
+        {"request_id": "1700000000,abc", "execution_time": 0.25, "match_policy_time": 0.0},
+    )
+    assert p.to_line_protocol() == (
+        "request,service=luna-handlers,route=POST:/handlers/{handlerId}/events,status_code=201 "
+        'request_id="1700000000,abc",execution_time=0.25,match_policy_time=0.0 1700000000123456789'
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "line_part"),
+    [
+        (True, "f=true"),
+        (False, "f=false"),
+        (3, "f=3i"),
+        (-(2**63), f"f={-(2**63)}i"),
+        (2**63 - 1, f"f={2**63 - 1}i"),
+        (1.5, "f=1.5"),
+        (1e-7, "f=1e-07"),
+        ('say "hi" \\ there', 'f="say \\"hi\\" \\\\ there"'),
+        ("two\nlines", 'f="two\nlines"'),
+    ],
+)
+def test_field_types(value: object, line_part: str) -> None:
+    line = Point("s", 1, {}, {"f": value}).to_line_protocol()
+    assert line == f"s {line_part} 1"
+    assert parse_line_protocol(line)[0].fields["f"] == value
+    assert type(parse_line_protocol(line)[0].fields["f"]) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (math.nan, "field_nan_inf"),
+        (math.inf, "field_nan_inf"),
+        (-math.inf, "field_nan_inf"),
+        (2**63, "field_int_range"),
+        (-(2**63) - 1, "field_int_range"),
+        (None, "field_none"),
+    ],
+)
+def test_unrepresentable_fields_are_omitted_and_counted(value: object, reason: str) -> None:
+    before = omitted_counts()[reason]
+    p = Point("s", 1, {}, {"bad": value, "ok": 1.0})
+    assert dict(p.fields) == {"ok": 1.0}
+    assert omitted_counts()[reason] == before + 1
+
+
+def test_point_without_fields_is_refused() -> None:
+    with pytest.raises(ValueError, match="no storable field"):
+        Point("s", 1, {}, {"bad": math.nan})
+    with pytest.raises(ValueError, match="no storable field"):
+        Point("s", 1, {"t": "v"}, {})
+
+
+def test_unknown_types_are_type_errors() -> None:
+    with pytest.raises(TypeError, match="field value"):
+        Point("s", 1, {}, {"f": object()})
+    with pytest.raises(TypeError, match="tag value"):
+        Point("s", 1, {"t": [1]}, {"f": 1})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="must be a str"):
+        Point("s", 1, {}, {1: 1.0})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="time_ns"):
+        Point("s", 1.5, {}, {"f": 1.0})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("series", "message"),
+    [
+        ("#comment", "comment"),
+        ("", "empty"),
+        ("a\nb", "newline"),
+        ("trailing\\", "backslash"),
+        ("time", "reserved"),
+    ],
+)
+def test_bad_series_refused(series: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Point(series, 1, {}, {"f": 1.0})
+
+
+@pytest.mark.parametrize("key", ["time", "", "a\rb", "x" * 70000, "k\\"])
+def test_bad_keys_refused(key: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - several messages, one per rule
+        Point("s", 1, {key: "v"}, {"f": 1.0})
+    with pytest.raises(ValueError):  # noqa: PT011
+        Point("s", 1, {}, {key: 1.0})
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        ("plain", "plain"),
+        ("a,b c=d", "a,b c=d"),
+        ("back\\slash", "back\\slash"),
+        ("double\\\\", "double\\\\"),
+        ("trailing\\", "trailing\\\\"),
+        ("odd\\ space", "odd\\\\ space"),
+        ("odd\\,comma", "odd\\\\,comma"),
+        ("new\nline", "new line"),
+        ("cr\r\nlf", "cr lf"),
+        ("\n", " "),
+        ("ünï©ødé ✓", "ünï©ødé ✓"),
+        (200, "200"),
+        (1.5, "1.5"),
+    ],
+)
+def test_tag_value_policy(raw: str | int, stored: str) -> None:
+    assert sanitize_tag_value(raw) == stored
+    line = Point("s", 1, {"t": raw}, {"f": 1.0}).to_line_protocol()
+    assert "\n" not in line
+    assert parse_line_protocol(line)[0].tags == {"t": stored}
+
+
+def test_empty_tag_value_is_omitted_and_counted() -> None:
+    before = omitted_counts()["tag_empty"]
+    p = Point("s", 1, {"t": "", "u": "x"}, {"f": 1.0})
+    assert dict(p.tags) == {"u": "x"}
+    assert omitted_counts()["tag_empty"] == before + 1
+
+
+def test_escaping_matrix_round_trips() -> None:
+    specials = ["a,b", "a b", "a=b", 'a"b', "a\\b", "ü ✓", "x,y=z w"]
+    for text in specials:
+        p = Point(
+            f"m{text}".replace("=", "_").replace('"', "_"),
+            7,
+            {f"k{text}": f"v{text}"},
+            {f"f{text}": f"s{text}\nnext", "n": 1.0},
+        )
+        line = p.to_line_protocol()
+        assert parse_line_protocol(line) == [p], line
+
+
+def test_injection_attempt_stays_one_line() -> None:
+    evil = "x\nevil v=1 1"
+    line = Point("request", 5, {"route": evil}, {"f": 1.0}).to_line_protocol()
+    assert "\n" not in line
+    (back,) = parse_line_protocol(line)
+    assert back.series == "request"
+    assert back.tags["route"] == "x evil v=1 1"
+
+
+def test_parse_skips_comments_and_blank_lines_and_reports_bad_lines() -> None:
+    text = "# a comment\n\ns f=1.0 1\n"
+    assert parse_line_protocol(text) == [Point("s", 1, {}, {"f": 1.0})]
+    for bad in ["s f=1.0", "s 1", 's f="unterminated 1', "s f=abc 1", "s f=1.0 notatime"]:
+        with pytest.raises(ValueError, match="line 1"):
+            parse_line_protocol(bad)
+
+
+async def test_encode_lines_async_equals_sync() -> None:
+    points = [Point("s", i, {"t": str(i % 7)}, {"f": float(i)}) for i in range(1234)]
+    assert await encode_lines_async(points, chunk=100) == encode_lines(points)
+    assert encode_lines([]) == b""
+
+
+# ---------------------------------------------------------------- property test
+
+_text = st.text(
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
+    min_size=1,
+    max_size=20,
+)
+_key = _text.filter(lambda k: k != "time" and "\n" not in k and "\r" not in k).map(
+    lambda k: k.replace("\\", "/")
+)
+_series = _key.filter(lambda s: not s.startswith("#"))
+_field_value = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    _text,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    series=_series,
+    time_ns=st.integers(min_value=-(2**62), max_value=2**62),
+    tags=st.dictionaries(_key, st.one_of(_text, st.integers()), max_size=4),
+    fields=st.dictionaries(_key, _field_value, min_size=1, max_size=4),
+)
+def test_property_one_line_per_point_and_parse_gives_it_back(
+    series: str,
+    time_ns: int,
+    tags: dict[str, str | int],
+    fields: dict[str, object],
+) -> None:
+    p = Point(series, time_ns, tags, fields)
+    line = p.to_line_protocol()
+    # Exactly one logical line: outside quoted string fields there is no newline.
+    (back,) = parse_line_protocol(line + "\n")
+    assert back == p
+    assert back.tags == {k: sanitize_tag_value(v) for k, v in tags.items() if sanitize_tag_value(v)}
