@@ -10,6 +10,7 @@ from lunamon.collector import RequestCollector, add_field, add_tag, current_requ
 from lunamon.flusher import FlushPolicy
 from lunamon.monitoring import Monitoring
 from lunamon.point import Point, encode_lines, parse_line_protocol
+from lunamon.settings import MonitoringSettings, SettingsError, SinkSettings
 from lunamon.sinks.base import BatchTooLarge, Sink, SinkError
 from lunamon.sinks.memory import MemorySink
 from lunamon.timing import measure, timed
@@ -23,6 +24,9 @@ __all__ = [
     "Monitoring",
     "FlushPolicy",
     "MONITORING_KEY",
+    "MonitoringSettings",
+    "SinkSettings",
+    "SettingsError",
     # record
     "timed",
     "measure",

@@ -365,3 +365,40 @@ def test_setup_rejects_bad_arguments() -> None:
     lunamon.setup(app, service="x", sinks=[])
     with pytest.raises(RuntimeError, match="already"):
         lunamon.setup(app, service="x", sinks=[])
+
+
+async def test_setup_from_a_config_file(aiohttp_client: ClientFactory, tmp_path: Any) -> None:
+    config = tmp_path / "handlers.toml"
+    out = tmp_path / "points.lp"
+    config.write_text(
+        "[monitoring]\n"
+        'service = "luna-handlers"\n'
+        "flush_interval = 0.5\n"
+        'exclude = ["POST:/detector"]\n'
+        "[[monitoring.sinks]]\n"
+        'type = "file"\n'
+        f'path = "{out}"\n'
+    )
+    settings = lunamon.MonitoringSettings.load(config, env={})
+    app = create_app(settings=settings, exclude=None)
+    assert app[MONITORING_KEY].policy.flush_interval == 0.5
+    client = await aiohttp_client(app)
+    await client.post("/detector")
+    await client.post("/extractor")
+    await client.close()
+    (point,) = lunamon.parse_line_protocol(out.read_text())
+    assert point.tags["route"] == "POST:/extractor"
+
+
+async def test_disabled_settings_make_monitoring_a_no_op(
+    aiohttp_client: ClientFactory, lunamon_points: CapturedPoints
+) -> None:
+    settings = lunamon.MonitoringSettings.from_mapping(
+        {"enabled": False, "service": "svc", "sinks": [{"type": "memory"}]}
+    )
+    app = create_app(settings=settings)
+    assert not app.middlewares
+    client = await aiohttp_client(app)
+    assert (await client.post("/detector")).status == 201
+    assert lunamon_points == []
+    assert app[MONITORING_KEY].stats() == {}

@@ -1,0 +1,853 @@
+"""MonitoringSettings: loading TOML and JSON, environment overrides, validation, secrets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+from structlog.tracebacks import ExceptionDictTransformer
+
+from lunamon.settings import (
+    DEFAULT_FAILED_STATUS_CODES,
+    MonitoringSettings,
+    SettingsError,
+    SinkSettings,
+    is_secret_key,
+    mask_secrets,
+    redact_secrets,
+)
+from lunamon.sinks.memory import MemorySink
+
+# The DESIGN.md section 2 example, plus every other setting and a second sink.
+EXAMPLE_TOML = """\
+title = "luna-handlers"   # keys outside [monitoring] belong to the application
+
+[monitoring]
+enabled = true
+service = "luna-handlers"
+flush_interval = 1.0          # seconds
+batch_size = 5000
+buffer_size = 100000          # per sink
+shutdown_timeout = 5.0
+request_id_header = "Luna-Request-Id"
+exclude = ["GET:/healthcheck"]
+failed_status_codes = [404, "500-599"]
+path_tags = { handlerId = "handler_id" }
+max_retries = 3
+retry_base_delay = 0.25
+retry_max_delay = 10
+
+[[monitoring.sinks]]
+type = "influxdb"             # influxdb | influxdb_v2 | file | log | "pkg.module:Class"
+host = "127.0.0.1"
+port = 8086
+database = "luna_monitoring"
+username = "luna"
+password = "toml-password-0f3a"
+
+[[monitoring.sinks]]
+type = "memory"
+name = "spare"
+"""
+
+EXAMPLE_JSON: dict[str, Any] = {
+    "title": "luna-handlers",
+    "monitoring": {
+        "enabled": True,
+        "service": "luna-handlers",
+        "flush_interval": 1.0,
+        "batch_size": 5000,
+        "buffer_size": 100000,
+        "shutdown_timeout": 5.0,
+        "request_id_header": "Luna-Request-Id",
+        "exclude": ["GET:/healthcheck"],
+        "failed_status_codes": [404, "500-599"],
+        "path_tags": {"handlerId": "handler_id"},
+        "max_retries": 3,
+        "retry_base_delay": 0.25,
+        "retry_max_delay": 10,
+        "sinks": [
+            {
+                "type": "influxdb",
+                "host": "127.0.0.1",
+                "port": 8086,
+                "database": "luna_monitoring",
+                "username": "luna",
+                "password": "toml-password-0f3a",
+            },
+            {"type": "memory", "name": "spare"},
+        ],
+    },
+}
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(tmp_path: Path, monitoring: object, name: str = "lunamon.json") -> Path:
+    return write(tmp_path, name, json.dumps({"monitoring": monitoring}))
+
+
+def settings_error(call: Callable[[], object]) -> SettingsError:
+    """The SettingsError ``call`` raises (caught here, so the test's frame holds no secret)."""
+    try:
+        call()
+    except SettingsError as exc:
+        return exc
+    raise AssertionError("no SettingsError was raised")
+
+
+# --------------------------------------------------------------------------- defaults and loading
+
+
+def test_defaults() -> None:
+    settings = MonitoringSettings()
+    assert settings.enabled is True
+    assert settings.service == "luna-handlers"
+    assert settings.flush_interval == 1.0
+    assert settings.batch_size == 5000
+    assert settings.buffer_size == 100_000
+    assert settings.shutdown_timeout == 5.0
+    assert settings.request_id_header == "Luna-Request-Id"
+    assert settings.exclude == ()
+    assert settings.failed_status_codes == frozenset(range(400, 600))
+    assert dict(settings.path_tags) == {"handlerId": "handler_id", "verifierId": "verifier_id"}
+    assert settings.max_retries == 10
+    assert settings.retry_base_delay == 0.5
+    assert settings.retry_max_delay == 30.0
+    assert settings.sinks == ()
+    assert settings.build_sinks() == []
+
+
+def test_settings_are_frozen_and_hashable() -> None:
+    settings = MonitoringSettings()
+    with pytest.raises(AttributeError):
+        settings.batch_size = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        settings.path_tags["x"] = "y"  # type: ignore[index]
+    assert hash(settings) == hash(MonitoringSettings())
+    assert MonitoringSettings() == settings
+
+
+def test_load_toml(tmp_path: Path) -> None:
+    path = write(tmp_path, "lunamon.toml", EXAMPLE_TOML)
+    settings = MonitoringSettings.load(path, env={})
+    assert settings.source == str(path)
+    assert settings.exclude == ("GET:/healthcheck",)
+    assert settings.failed_status_codes == frozenset({404, *range(500, 600)})
+    assert dict(settings.path_tags) == {"handlerId": "handler_id"}
+    assert (settings.max_retries, settings.retry_base_delay) == (3, 0.25)
+    assert settings.retry_max_delay == 10.0
+    assert isinstance(settings.retry_max_delay, float)
+    influx, spare = settings.sinks
+    assert influx.type == "influxdb"
+    assert dict(influx.options) == {
+        "host": "127.0.0.1",
+        "port": 8086,
+        "database": "luna_monitoring",
+        "username": "luna",
+        "password": "toml-password-0f3a",
+    }
+    assert spare == SinkSettings("memory", {"name": "spare"})
+
+
+def test_load_json_equals_toml(tmp_path: Path) -> None:
+    toml = MonitoringSettings.load(write(tmp_path, "a.toml", EXAMPLE_TOML), env={})
+    from_json = MonitoringSettings.load(write(tmp_path, "a.JSON", json.dumps(EXAMPLE_JSON)), env={})
+    assert from_json == toml
+    assert from_json.source.endswith("a.JSON")
+
+
+def test_from_mapping_takes_the_section_or_the_document() -> None:
+    section = EXAMPLE_JSON["monitoring"]
+    assert MonitoringSettings.from_mapping(section) == MonitoringSettings.from_mapping(EXAMPLE_JSON)
+    assert MonitoringSettings.from_mapping({}) == MonitoringSettings()
+    assert MonitoringSettings.from_mapping({}).source == "<mapping>"
+
+
+def test_normalisation() -> None:
+    settings = MonitoringSettings(
+        exclude=["get:/healthcheck", "GET:/healthcheck", "post:<unmatched>"],  # type: ignore[arg-type]
+        failed_status_codes=[404, " 500 - 502 ", "418"],  # type: ignore[arg-type]
+        path_tags={},
+        flush_interval=2,
+    )
+    assert settings.exclude == ("GET:/healthcheck", "POST:<unmatched>")
+    assert settings.failed_status_codes == frozenset({404, 418, 500, 501, 502})
+    assert dict(settings.path_tags) == {}
+    assert settings.flush_interval == 2.0
+    assert isinstance(settings.flush_interval, float)
+
+
+def test_flush_policy_carries_the_batching_settings() -> None:
+    pytest.importorskip("lunamon.flusher")
+    settings = MonitoringSettings(
+        flush_interval=0.5,
+        batch_size=10,
+        buffer_size=20,
+        shutdown_timeout=2,
+        max_retries=4,
+        retry_base_delay=0.1,
+        retry_max_delay=3,
+    )
+    policy = settings.flush_policy()
+    assert (policy.flush_interval, policy.batch_size, policy.buffer_size) == (0.5, 10, 20)
+    assert (policy.shutdown_timeout, policy.max_retries) == (2.0, 4)
+    assert (policy.retry_base_delay, policy.retry_max_delay) == (0.1, 3.0)
+
+
+def test_disabled_is_just_a_flag(tmp_path: Path) -> None:
+    path = write_json(tmp_path, {"enabled": False, "sinks": [{"type": "memory"}]})
+    settings = MonitoringSettings.load(path, env={})
+    assert settings.enabled is False
+    assert len(settings.sinks) == 1
+
+
+# --------------------------------------------------------------------------- environment
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "attribute", "expected"),
+    [
+        ("LUNAMON_ENABLED", "0", "enabled", False),
+        ("LUNAMON_ENABLED", "no", "enabled", False),
+        ("LUNAMON_ENABLED", "FALSE", "enabled", False),
+        ("LUNAMON_ENABLED", "1", "enabled", True),
+        ("LUNAMON_ENABLED", " yes ", "enabled", True),
+        ("LUNAMON_ENABLED", "true", "enabled", True),
+        ("LUNAMON_SERVICE", "luna-faces", "service", "luna-faces"),
+        ("LUNAMON_FLUSH_INTERVAL", "0.25", "flush_interval", 0.25),
+        ("LUNAMON_FLUSH_INTERVAL", "2", "flush_interval", 2.0),
+        ("LUNAMON_BATCH_SIZE", "100", "batch_size", 100),
+        ("LUNAMON_BUFFER_SIZE", "200000", "buffer_size", 200_000),
+        ("LUNAMON_SHUTDOWN_TIMEOUT", "9.5", "shutdown_timeout", 9.5),
+        ("LUNAMON_REQUEST_ID_HEADER", "X-Request-Id", "request_id_header", "X-Request-Id"),
+        (
+            "LUNAMON_EXCLUDE",
+            "GET:/healthcheck, get:/version,",
+            "exclude",
+            ("GET:/healthcheck", "GET:/version"),
+        ),
+        ("LUNAMON_EXCLUDE", "", "exclude", ()),
+        (
+            "LUNAMON_FAILED_STATUS_CODES",
+            "404,500-502",
+            "failed_status_codes",
+            frozenset({404, 500, 501, 502}),
+        ),
+        (
+            "LUNAMON_PATH_TAGS",
+            "handlerId=handler, listId = list_id",
+            "path_tags",
+            {"handlerId": "handler", "listId": "list_id"},
+        ),
+        ("LUNAMON_MAX_RETRIES", "0", "max_retries", 0),
+        ("LUNAMON_RETRY_BASE_DELAY", "1", "retry_base_delay", 1.0),
+        ("LUNAMON_RETRY_MAX_DELAY", "60", "retry_max_delay", 60.0),
+    ],
+)
+def test_environment_overrides(
+    tmp_path: Path, variable: str, text: str, attribute: str, expected: object
+) -> None:
+    path = write(tmp_path, "lunamon.toml", EXAMPLE_TOML)
+    settings = MonitoringSettings.load(path, env={variable: text})
+    value = getattr(settings, attribute)
+    assert (dict(value) if attribute == "path_tags" else value) == expected
+    assert type(value) is type(getattr(MonitoringSettings(), attribute))
+
+
+def test_load_reads_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LUNAMON_BATCH_SIZE", "7")
+    path = write(tmp_path, "lunamon.toml", EXAMPLE_TOML)
+    assert MonitoringSettings.load(path).batch_size == 7
+    assert MonitoringSettings.load(path, env=None).batch_size == 5000
+    assert MonitoringSettings.from_mapping({}).batch_size == 5000  # no environment by default
+
+
+def test_unknown_and_lowercase_variables_are_ignored() -> None:
+    env = {"LUNAMON_BATCH_SIZ": "abc", "lunamon_batch_size": "abc", "LUNAMON_SINKS": "x"}
+    assert MonitoringSettings.from_mapping({}, env=env) == MonitoringSettings()
+
+
+def test_environment_is_checked_against_the_file(tmp_path: Path) -> None:
+    path = write_json(tmp_path, {"buffer_size": 100})
+    error = settings_error(lambda: MonitoringSettings.load(path, env={"LUNAMON_BATCH_SIZE": "500"}))
+    assert str(error).startswith(f"{path}: environment variable LUNAMON_BATCH_SIZE: ")
+    assert "must not exceed buffer_size (100)" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "fragment"),
+    [
+        ("LUNAMON_ENABLED", "maybe", "expected one of 1, 0, true, false, yes, no"),
+        ("LUNAMON_BATCH_SIZE", "5k", "expected an integer, got '5k'"),
+        ("LUNAMON_BATCH_SIZE", "1.5", "expected an integer"),
+        ("LUNAMON_FLUSH_INTERVAL", "soon", "expected a number"),
+        ("LUNAMON_FLUSH_INTERVAL", "0", "must be a finite number of seconds > 0"),
+        ("LUNAMON_SHUTDOWN_TIMEOUT", "-1", "must be a finite number of seconds > 0"),
+        ("LUNAMON_FLUSH_INTERVAL", "nan", "must be a finite number of seconds > 0"),
+        ("LUNAMON_SERVICE", " ", "must not be empty"),
+        ("LUNAMON_FAILED_STATUS_CODES", "4xx", "expected a status code or a range"),
+        ("LUNAMON_PATH_TAGS", "handlerId", "expected 'parameter=tag' pairs"),
+        ("LUNAMON_EXCLUDE", "/healthcheck", "expected 'METHOD:/route'"),
+    ],
+)
+def test_environment_errors_name_the_variable(
+    tmp_path: Path, variable: str, text: str, fragment: str
+) -> None:
+    path = write(tmp_path, "lunamon.toml", EXAMPLE_TOML)
+    error = settings_error(lambda: MonitoringSettings.load(path, env={variable: text}))
+    assert str(error).startswith(f"{path}: environment variable {variable}")
+    assert fragment in str(error)
+    assert error.source == str(path)
+
+
+def test_sink_option_from_environment() -> None:
+    table = {"type": "memory", "name_env": "SINK_NAME"}
+    settings = MonitoringSettings.from_mapping({"sinks": [table]}, env={"SINK_NAME": "primary"})
+    assert dict(settings.sinks[0].options) == {"name": "primary"}
+    missing = settings_error(lambda: MonitoringSettings.from_mapping({"sinks": [table]}))
+    assert str(missing) == (
+        "<mapping>: monitoring.sinks[0].name_env: environment variable 'SINK_NAME' is not set"
+    )
+    both = settings_error(
+        lambda: MonitoringSettings.from_mapping(
+            {"sinks": [{**table, "name": "x"}]}, env={"SINK_NAME": "y"}
+        )
+    )
+    assert "monitoring.sinks[0].name_env: both 'name' and 'name_env' are set" in str(both)
+    wrong = settings_error(
+        lambda: MonitoringSettings.from_mapping({"sinks": [{"type": "memory", "name_env": 3}]})
+    )
+    assert "monitoring.sinks[0].name_env: expected the name of an environment variable" in str(
+        wrong
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+VALIDATION_CASES = [
+    (
+        {"flush_intervall": 1},
+        "monitoring.flush_intervall",
+        "unknown setting (did you mean 'flush_interval'?)",
+    ),
+    ({"password": "x"}, "monitoring.password", "unknown setting"),
+    ({"enabled": 1}, "monitoring.enabled", "expected a boolean (true or false), got integer 1"),
+    ({"enabled": "yes"}, "monitoring.enabled", "expected a boolean"),
+    ({"service": 5}, "monitoring.service", "expected a string, got integer 5"),
+    ({"service": ""}, "monitoring.service", "must not be empty"),
+    ({"service": "luna\nhandlers"}, "monitoring.service", "cannot be stored as an InfluxDB tag"),
+    ({"batch_size": True}, "monitoring.batch_size", "expected an integer, got boolean True"),
+    ({"batch_size": 10.0}, "monitoring.batch_size", "expected an integer, got float 10.0"),
+    ({"batch_size": "10"}, "monitoring.batch_size", "expected an integer, got string '10'"),
+    ({"batch_size": 0}, "monitoring.batch_size", "must be >= 1, got 0"),
+    ({"buffer_size": -5}, "monitoring.buffer_size", "must be >= 1, got -5"),
+    (
+        {"batch_size": 10, "buffer_size": 5},
+        "monitoring.batch_size",
+        "batch_size (10) must not exceed buffer_size (5)",
+    ),
+    ({"max_retries": -1}, "monitoring.max_retries", "must be >= 0, got -1"),
+    ({"max_retries": False}, "monitoring.max_retries", "expected an integer, got boolean"),
+    (
+        {"flush_interval": 0},
+        "monitoring.flush_interval",
+        "must be a finite number of seconds > 0, got 0",
+    ),
+    (
+        {"flush_interval": -1.5},
+        "monitoring.flush_interval",
+        "must be a finite number of seconds > 0",
+    ),
+    (
+        {"flush_interval": True},
+        "monitoring.flush_interval",
+        "expected a number of seconds, got boolean",
+    ),
+    (
+        {"flush_interval": "1s"},
+        "monitoring.flush_interval",
+        "expected a number of seconds, got string",
+    ),
+    ({"shutdown_timeout": 0}, "monitoring.shutdown_timeout", "> 0"),
+    ({"retry_base_delay": -0.5}, "monitoring.retry_base_delay", "> 0"),
+    ({"retry_max_delay": 0}, "monitoring.retry_max_delay", "> 0"),
+    (
+        {"retry_base_delay": 5, "retry_max_delay": 1},
+        "monitoring.retry_base_delay",
+        "must not exceed retry_max_delay (1.0)",
+    ),
+    (
+        {"request_id_header": "Request Id"},
+        "monitoring.request_id_header",
+        "is not a valid HTTP header name",
+    ),
+    ({"request_id_header": ""}, "monitoring.request_id_header", "must not be empty"),
+    (
+        {"exclude": "GET:/healthcheck"},
+        "monitoring.exclude",
+        "expected an array of 'METHOD:/route' strings",
+    ),
+    ({"exclude": ["GET:/a", "healthcheck"]}, "monitoring.exclude[1]", "expected 'METHOD:/route'"),
+    ({"exclude": ["GET healthcheck:/x"]}, "monitoring.exclude[0]", "expected 'METHOD:/route'"),
+    ({"exclude": ["GET:<other>"]}, "monitoring.exclude[0]", "or 'GET:<unmatched>'"),
+    ({"exclude": [1]}, "monitoring.exclude[0]", "expected a 'METHOD:/route' string, got integer 1"),
+    (
+        {"failed_status_codes": "400-599"},
+        "monitoring.failed_status_codes",
+        "expected an array of status codes",
+    ),
+    ({"failed_status_codes": [404, 700]}, "monitoring.failed_status_codes[1]", "within 100-599"),
+    ({"failed_status_codes": ["599-500"]}, "monitoring.failed_status_codes[0]", "low <= high"),
+    (
+        {"failed_status_codes": ["4xx"]},
+        "monitoring.failed_status_codes[0]",
+        "expected a status code or a range such as '500-599'",
+    ),
+    ({"failed_status_codes": [True]}, "monitoring.failed_status_codes[0]", "got boolean True"),
+    (
+        {"path_tags": ["handlerId"]},
+        "monitoring.path_tags",
+        "expected a table of path parameter = tag name",
+    ),
+    (
+        {"path_tags": {"handlerId": 1}},
+        "monitoring.path_tags.handlerId",
+        "expected a tag name, got integer 1",
+    ),
+    (
+        {"path_tags": {"handlerId": "route"}},
+        "monitoring.path_tags.handlerId",
+        "tag 'route' is set by lunamon itself",
+    ),
+    (
+        {"path_tags": {"handlerId": "time"}},
+        "monitoring.path_tags.handlerId",
+        "reserved by InfluxDB",
+    ),
+    (
+        {"path_tags": {"{handlerId}": "handler_id"}},
+        "monitoring.path_tags",
+        "is not a path parameter name",
+    ),
+    (
+        {"sinks": {"type": "memory"}},
+        "monitoring.sinks",
+        "expected an array of tables ([[monitoring.sinks]]), got a single table",
+    ),
+    ({"sinks": "memory"}, "monitoring.sinks", "expected an array of sink tables, got string"),
+    (
+        {"sinks": ["memory"]},
+        "monitoring.sinks[0]",
+        'expected a table of sink options with a "type", got string',
+    ),
+    ({"sinks": [{"type": "memory"}, 3]}, "monitoring.sinks[1]", "got integer"),
+    (
+        {"sinks": [{"host": "h", "port": 1}]},
+        "monitoring.sinks[0].type",
+        "missing: every sink needs a type (options given: host, port)",
+    ),
+    ({"sinks": [{"type": 1}]}, "monitoring.sinks[0].type", "expected a sink type name, got int"),
+    (
+        {"sinks": [{"type": ""}]},
+        "monitoring.sinks[0].type",
+        "expected a sink type name, got an empty string",
+    ),
+    (
+        {"sinks": [{"type": "influx"}]},
+        "monitoring.sinks[0].type",
+        "unknown sink type 'influx' (did you mean 'influxdb'?)",
+    ),
+    (
+        {"sinks": [{"type": "prometheus"}]},
+        "monitoring.sinks[0].type",
+        "known: file, influxdb, influxdb_v2, log, memory",
+    ),
+    (
+        {"sinks": [{"type": "mypkg.sinks.Custom"}]},
+        "monitoring.sinks[0].type",
+        "(for a class, write mypkg.sinks:Custom)",
+    ),
+    (
+        {"sinks": [{"type": "my pkg:Custom"}]},
+        "monitoring.sinks[0].type",
+        "is not a 'package.module:Class' path",
+    ),
+    (
+        {"sinks": [{"type": "mypkg:"}]},
+        "monitoring.sinks[0].type",
+        "is not a 'package.module:Class' path",
+    ),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "fragment"), VALIDATION_CASES)
+def test_validation_errors_name_the_file_and_key(
+    tmp_path: Path, section: dict[str, Any], key: str, fragment: str
+) -> None:
+    path = write_json(tmp_path, section)
+    error = settings_error(lambda: MonitoringSettings.load(path, env={}))
+    assert isinstance(error, ValueError)
+    assert (error.source, error.key) == (str(path), key)
+    assert str(error).startswith(f"{path}: {key}: ")
+    assert fragment in str(error)
+
+
+def test_toml_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "lunamon.toml", EXAMPLE_TOML.replace("batch_size", "batchsize"))
+    error = settings_error(lambda: MonitoringSettings.load(path, env={}))
+    assert str(error) == (
+        f"{path}: monitoring.batchsize: unknown setting (did you mean 'batch_size'?)"
+    )
+    path = write(tmp_path, "sinks.toml", '[monitoring]\n[[monitoring.sinks]]\nhost = "h"\n')
+    error = settings_error(lambda: MonitoringSettings.load(path, env={}))
+    assert str(error).startswith(f"{path}: monitoring.sinks[0].type: missing")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "fragment"),
+    [
+        ("bad.toml", "[monitoring\nenabled = true\n", "invalid TOML: "),
+        ("bad.toml", "[monitoring]\nbatch_size = 1\nbatch_size = 2\n", "invalid TOML: "),
+        ("bad.json", '{"monitoring": {', "invalid JSON: "),
+        (
+            "dup.json",
+            '{"monitoring": {"batch_size": 1, "batch_size": 2}}',
+            "duplicate key 'batch_size'",
+        ),
+        ("none.toml", 'title = "x"\n', "monitoring: missing: the file needs a [monitoring] table"),
+        ("none.json", "[1, 2]", 'monitoring: missing: the file needs a "monitoring" object'),
+        ("list.json", '{"monitoring": [1]}', "monitoring: expected a table, got array"),
+        (
+            "lunamon.yaml",
+            "monitoring: {}",
+            "unsupported file type '.yaml': expected .toml or .json",
+        ),
+    ],
+)
+def test_file_errors(tmp_path: Path, name: str, text: str, fragment: str) -> None:
+    path = write(tmp_path, name, text)
+    error = settings_error(lambda: MonitoringSettings.load(path, env={}))
+    assert str(error).startswith(f"{path}: ")
+    assert fragment in str(error)
+
+
+def test_non_utf8_and_missing_files(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[monitoring]\nservice = "caf\xe9"\n'.encode("latin-1"))
+    assert "not UTF-8 text" in str(settings_error(lambda: MonitoringSettings.load(path)))
+    with pytest.raises(FileNotFoundError):
+        MonitoringSettings.load(tmp_path / "absent.toml")
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"monitoring": {"batch_size": 9}}).encode())
+    assert MonitoringSettings.load(path, env={}).batch_size == 9
+
+
+def test_constructor_validates_too() -> None:
+    error = settings_error(lambda: MonitoringSettings(batch_size=0))
+    assert (error.key, str(error)) == ("batch_size", "batch_size: must be >= 1, got 0")
+    error = settings_error(
+        lambda: MonitoringSettings(sinks=[{"type": "memory"}])  # type: ignore[arg-type]
+    )
+    assert error.key == "sinks[0]"
+    assert "expected SinkSettings, got dict" in str(error)
+    assert "options" in str(settings_error(lambda: SinkSettings("memory", "name=x")))  # type: ignore[arg-type]
+    assert "'type' is not an option" in str(
+        settings_error(lambda: SinkSettings("memory", {"type": "file"}))
+    )
+    assert "unknown sink type" in str(settings_error(lambda: SinkSettings("nope")))
+
+
+def test_sink_types_are_checked_without_importing(tmp_path: Path) -> None:
+    """Loading never imports sink code: a dotted path is imported by build_sinks()."""
+    path = write_json(tmp_path, {"sinks": [{"type": "lunamon_no_such_module:Sink"}]})
+    settings = MonitoringSettings.load(path, env={})
+    assert "lunamon_no_such_module" not in sys.modules
+    error = settings_error(settings.build_sinks)
+    assert str(error).startswith(f"{path}: monitoring.sinks[0].type: sink ")
+    assert "cannot import 'lunamon_no_such_module'" in str(error)
+    assert isinstance(error.__cause__, ModuleNotFoundError)
+
+
+# --------------------------------------------------------------------------- build_sinks
+
+
+def test_build_sinks_memory_file_log(tmp_path: Path) -> None:
+    file_module = pytest.importorskip("lunamon.sinks.file")
+    log_module = pytest.importorskip("lunamon.sinks.log")
+    path = write_json(
+        tmp_path,
+        {
+            "sinks": [
+                {"type": "memory", "name": "mem"},
+                {"type": "file", "path": str(tmp_path / "points.lp"), "fsync": False},
+                {"type": "log", "event": "monitoring_point", "level": "debug"},
+            ]
+        },
+    )
+    memory, file, log = MonitoringSettings.load(path, env={}).build_sinks()
+    assert isinstance(memory, MemorySink)
+    assert memory.name == "mem"
+    assert isinstance(file, file_module.LineProtocolFileSink)
+    assert (file.path, file.fsync) == (tmp_path / "points.lp", False)
+    assert isinstance(log, log_module.LogSink)
+    assert (log.event, log.level) == ("monitoring_point", "debug")
+
+
+def test_build_sinks_influxdb(tmp_path: Path) -> None:
+    module = pytest.importorskip("lunamon.sinks.influxdb")
+    path = write(tmp_path, "lunamon.toml", EXAMPLE_TOML)
+    influx, spare = MonitoringSettings.load(path, env={}).build_sinks()
+    assert isinstance(influx, module.InfluxDBSink)
+    assert (influx.host, influx.port, influx.database) == ("127.0.0.1", 8086, "luna_monitoring")
+    assert influx.username == "luna"
+    assert "toml-password-0f3a" not in repr(influx)
+    assert spare.name == "spare"  # type: ignore[attr-defined]
+
+
+def test_build_sinks_influxdb_v2() -> None:
+    module = pytest.importorskip("lunamon.sinks.influxdb_v2")
+    table = {
+        "type": "influxdb_v2",
+        "url": "http://127.0.0.1:8428",
+        "org": "luna",
+        "bucket": "monitoring",
+        "token_env": "INFLUX_TOKEN",
+        "precision": "ms",
+    }
+    settings = MonitoringSettings.from_mapping(
+        {"sinks": [table]}, env={"INFLUX_TOKEN": "env-token-77c1"}
+    )
+    assert "env-token-77c1" not in repr(settings)
+    (sink,) = settings.build_sinks()
+    assert isinstance(sink, module.InfluxDBV2Sink)
+    assert (sink.url, sink.org, sink.bucket) == ("http://127.0.0.1:8428", "luna", "monitoring")
+    assert sink.precision == "ms"
+    assert "env-token-77c1" not in repr(sink)
+
+
+def test_build_sinks_errors_name_the_sink_and_option(tmp_path: Path) -> None:
+    path = write_json(tmp_path, {"sinks": [{"type": "memory"}, {"type": "memory", "nmae": "x"}]})
+    error = settings_error(MonitoringSettings.load(path, env={}).build_sinks)
+    assert str(error) == (
+        f"{path}: monitoring.sinks[1].nmae: sink 'memory': unknown option 'nmae'"
+        " (did you mean 'name'?); accepted: name"
+    )
+
+
+# --------------------------------------------------------------------------- secrets
+
+# Every one of these must stay out of repr, str, errors and logs.
+SECRETS = (
+    "s3cr3t-pass-91",
+    "s3cr3t-token-92",
+    "s3cr3t-client-93",
+    "s3cr3t-api-94",
+    "s3cr3t-url-95",
+    "s3cr3t-query-96",
+    "s3cr3t-bearer-97",
+    "s3cr3t-env-98",
+)
+
+
+class LeakySink:
+    """Its constructor error quotes every option it was given."""
+
+    def __init__(self, **options: Any) -> None:
+        raise ValueError(f"cannot connect with {options}")
+
+    async def start(self) -> None: ...
+
+    async def write(self, points: Any) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def secret_section() -> dict[str, Any]:
+    return {
+        "sinks": [
+            {
+                "type": f"{__name__}:LeakySink",
+                "password": SECRETS[0],
+                "token": SECRETS[1],
+                "client_secret": SECRETS[2],
+                "API_Token": SECRETS[3],
+                "dsn": f"https://luna:{SECRETS[4]}@influx.example/db?auth_token={SECRETS[5]}",
+                "headers": {"Authorization": f"Bearer {SECRETS[6]}"},
+                "session_token_env": "LEAKY_TOKEN",
+            }
+        ]
+    }
+
+
+SECRET_ENV = {"LEAKY_TOKEN": SECRETS[7]}
+
+
+def assert_no_secret(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text
+
+
+@pytest.fixture
+def stdlib_structlog() -> Iterator[None]:
+    """Route structlog through stdlib logging (so caplog sees lunamon's events), then restore."""
+    saved = structlog.get_config()
+    structlog.configure(
+        processors=[
+            structlog.stdlib.add_log_level,
+            structlog.processors.format_exc_info,
+            structlog.processors.KeyValueRenderer(),
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    yield
+    structlog.configure(**saved)
+
+
+def rendered(error: BaseException) -> str:
+    """Everything a log could show of ``error``: messages, traceback, lunamon's frame locals."""
+    text = "\n".join(traceback.format_exception(error)) + repr(error) + repr(error.args)
+    for exception in ExceptionDictTransformer(show_locals=True)(
+        (type(error), error, error.__traceback__)
+    ):
+        text += exception["exc_type"] + exception["exc_value"]
+        for frame in exception["frames"]:
+            if "/lunamon/" in frame["filename"]:
+                text += json.dumps(frame, default=repr)
+    return text
+
+
+def test_secrets_are_masked_in_repr_and_str(tmp_path: Path) -> None:
+    path = write_json(tmp_path, secret_section())
+    settings = MonitoringSettings.load(path, env=SECRET_ENV)
+    (sink,) = settings.sinks
+    assert sink.options["session_token"] == SECRETS[7]  # the real values are there ...
+    for text in (repr(settings), str(settings), repr(sink), str(sink), repr(sink.options)):
+        assert_no_secret(text)  # ... but never shown
+    assert "'password': '***'" in repr(sink)
+    assert "https://luna:***@influx.example/db?auth_token=***" in repr(sink)
+    assert "{'Authorization': '***'}" in repr(sink)
+
+
+def test_secrets_stay_out_of_errors_and_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, stdlib_structlog: None
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    path = write_json(tmp_path, secret_section())
+    settings = MonitoringSettings.load(path, env=SECRET_ENV)
+    build_error = settings_error(settings.build_sinks)
+    assert str(build_error).startswith(f"{path}: monitoring.sinks[0]")
+    assert f"sink '{__name__}:LeakySink': cannot be created: ValueError:" in str(build_error)
+    assert "'password': '***'" in str(build_error)
+    assert build_error.__cause__ is None  # the constructor's own exception held the secrets
+
+    # A validation error elsewhere in a file that holds secrets.
+    bad_path = write_json(tmp_path, {**secret_section(), "batch_size": 0}, "bad.json")
+    load_error = settings_error(lambda: MonitoringSettings.load(bad_path, env=SECRET_ENV))
+    assert str(load_error) == f"{bad_path}: monitoring.batch_size: must be >= 1, got 0"
+    # A sink given as a string (a URL with credentials) is not echoed.
+    url_error = settings_error(
+        lambda: MonitoringSettings.from_mapping({"sinks": [secret_section()["sinks"][0]["dsn"]]})
+    )
+    # An unknown option of a sink that has secrets.
+    option_error = settings_error(
+        lambda: MonitoringSettings.from_mapping(
+            {"sinks": [{"type": "memory", "password": SECRETS[0]}]}
+        ).build_sinks()
+    )
+    assert "unknown option 'password'" in str(option_error)
+
+    for error in (build_error, load_error, url_error, option_error):
+        assert_no_secret(rendered(error))
+        logging.getLogger("app").error("monitoring setup failed", exc_info=error)
+        structlog.get_logger("app").error("monitoring setup failed", exc_info=error)
+
+    assert any(r.name == "lunamon" and "settings_loaded" in r.getMessage() for r in caplog.records)
+    assert "monitoring setup failed" in caplog.text
+    assert_no_secret(caplog.text)
+
+
+def test_secrets_stay_out_of_captured_structlog_events(tmp_path: Path) -> None:
+    path = write_json(tmp_path, secret_section())
+    with capture_logs() as events:
+        settings = MonitoringSettings.load(path, env=SECRET_ENV)
+        error = settings_error(settings.build_sinks)
+        structlog.get_logger("app").error("setup failed", error=str(error), settings=settings)
+        MonitoringSettings.from_mapping({"sinks": [{"type": "memory", "name": "m", "token": None}]})
+    assert [e["event"] for e in events] == ["settings_loaded", "setup failed", "settings_loaded"]
+    assert events[0]["sinks"] == [f"{__name__}:LeakySink"]
+    assert_no_secret(repr(events))
+
+
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("password", True),
+        ("db_password", True),
+        ("PASSWORD", True),
+        ("token", True),
+        ("refresh_token", True),
+        ("client_secret", True),
+        ("Authorization", True),
+        ("api_key", True),
+        ("passwd", True),
+        ("username", False),
+        ("host", False),
+        ("allow_plain_credentials", False),
+        (3, False),
+    ],
+)
+def test_is_secret_key(key: object, secret: bool) -> None:
+    assert is_secret_key(key) is secret
+
+
+def test_mask_and_redact_helpers() -> None:
+    options = {
+        "password": "pw-1234",
+        "token": None,
+        "url": "http://u:p%40ss-5678@h:8086/?db=x&token=tk-9012",
+        "list": [{"secret": 1234567}],
+        "flag": True,
+    }
+    assert mask_secrets(options) == {
+        "password": "***",
+        "token": None,
+        "url": "http://u:***@h:8086/?db=x&token=***",
+        "list": [{"secret": "***"}],
+        "flag": True,
+    }
+    text = "pw-1234 p%40ss-5678 p@ss-5678 tk-9012 1234567 db=x True"
+    assert redact_secrets(text, options) == "*** *** *** *** *** db=x True"
+
+
+def test_default_failed_status_codes_constant() -> None:
+    assert frozenset(range(400, 600)) == DEFAULT_FAILED_STATUS_CODES
+    assert "failed_status_codes='400-599'" in repr(MonitoringSettings())
+    assert "failed_status_codes='404,500-502'" in repr(
+        MonitoringSettings(failed_status_codes=frozenset({404, 500, 501, 502}))
+    )
+
+
+def test_module_exports() -> None:
+    module: ModuleType = sys.modules["lunamon.settings"]
+    assert sorted(module.__all__) == module.__all__
+    for name in module.__all__:
+        assert hasattr(module, name)
