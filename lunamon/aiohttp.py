@@ -53,6 +53,7 @@ _KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 )
 MAX_REQUEST_ID_LENGTH: Final = 128
+_MAX_TAG_SETS: Final = 4096  # per route: beyond it (many handler ids), dicts are not shared
 
 ErrorCodeGetter = Callable[[web.Request, "web.StreamResponse | BaseException"], "int | None"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -88,15 +89,36 @@ def _plausible_request_id(value: str) -> bool:
 class _Route:
     """What the recorder needs of one (method, resource) pair, computed once."""
 
-    __slots__ = ("excluded", "name", "path_tags", "tags")
+    __slots__ = ("excluded", "name", "path_tags", "service", "tag_sets")
 
     def __init__(
         self, name: str, service: str, excluded: bool, path_tags: tuple[tuple[str, str], ...]
     ) -> None:
         self.name = name
+        self.service = service
         self.excluded = excluded
         self.path_tags = path_tags
-        self.tags = {"service": service, "route": name}
+        # Tag dicts shared by every point with the same status (and path-tag values):
+        # no dict per request, and a buffered point costs only its fields.
+        self.tag_sets: dict[object, dict[str, str]] = {}
+
+    def tags(self, status: int, request: web.Request) -> dict[str, str]:
+        """The tags of a point of this route; shared, never to be mutated."""
+        key: object = status
+        if self.path_tags:
+            match_info = request.match_info
+            key = (status, *[match_info.get(param) for param, _ in self.path_tags])
+        tags = self.tag_sets.get(key)
+        if tags is None:
+            tags = {"service": self.service, "route": self.name, "status_code": str(status)}
+            if self.path_tags:
+                for (_, tag), value in zip(self.path_tags, key[1:], strict=True):  # type: ignore[index]
+                    text = sanitize_tag_value(value) if value else ""
+                    if text:
+                        tags[tag] = text
+            if len(self.tag_sets) < _MAX_TAG_SETS:
+                self.tag_sets[key] = tags
+        return tags
 
 
 class RequestRecorder:
@@ -120,7 +142,6 @@ class RequestRecorder:
         self.failed_status_codes = frozenset(failed_status_codes)
         self.error_code_getter = error_code
         self._routes: dict[tuple[str, object], _Route] = {}
-        self._status_tags: dict[int, str] = {}
         self._last_ns = 0
         self._log = RateLimitedLogger()
 
@@ -197,22 +218,9 @@ class RequestRecorder:
         status: int,
         outcome: web.StreamResponse | BaseException | None,
     ) -> None:
-        tags = route.tags.copy()
-        status_tag = self._status_tags.get(status)
-        if status_tag is None:
-            status_tag = self._status_tags[status] = str(status)
-        tags["status_code"] = status_tag
-        if route.path_tags:
-            match_info = request.match_info
-            for param, tag in route.path_tags:
-                value = match_info.get(param)
-                if value:
-                    text = sanitize_tag_value(value)
-                    if text:
-                        tags[tag] = text
+        tags = route.tags(status, request)
         if collector.extra_tags:
-            for key, value in collector.extra_tags.items():
-                tags.setdefault(key, value)
+            tags = {**collector.extra_tags, **tags}
         fields: dict[str, FieldValue] = {
             "request_id": collector.request_id,
             "execution_time": elapsed,
