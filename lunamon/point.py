@@ -59,8 +59,8 @@ def validate_key(key: object, what: str = "key") -> str:
 
     Keys are chosen by code, not by users, so a bad one is a programming error:
     ``TypeError`` for a non-string, ``ValueError`` for an empty key, the reserved
-    key ``time``, a CR or LF, a key over 64 KB, or an odd run of backslashes
-    before ``,``, ``=``, a space or the end (see :func:`sanitize_tag_value`).
+    key ``time``, a CR or LF, a key over 64 KB, a key ending in a backslash, or an
+    odd run of backslashes before ``,``, ``=`` or a space (see :func:`sanitize_tag_value`).
     """
     if type(key) is not str:
         if not isinstance(key, str):
@@ -74,7 +74,7 @@ def validate_key(key: object, what: str = "key") -> str:
         raise ValueError(f"{what} {key!r} contains a newline or carriage return")
     if len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES:
         raise ValueError(f"{what} is longer than {MAX_KEY_BYTES} bytes")
-    if "\\" in key and _fix_backslash_runs(key, ",= ") != key:
+    if key.endswith("\\") or ("\\" in key and _fix_backslash_runs(key, ",= ") != key):
         raise ValueError(
             f"{what} {key!r} has a backslash before a separator or at its end,"
             " which InfluxDB cannot store"
@@ -87,6 +87,11 @@ def validate_series(series: object) -> str:
     name = validate_key(series, "series")
     if name.startswith("#"):
         raise ValueError(f"series {name!r} starts with '#': InfluxDB would read it as a comment")
+    if "\\" in name and ("\\," in name or "\\ " in name or "\\=" in name):
+        raise ValueError(
+            f"series {name!r} has a backslash before ',', '=' or a space:"
+            " InfluxDB 1.x would store it garbled"
+        )
     return name
 
 
@@ -95,9 +100,11 @@ def sanitize_tag_value(value: TagValue) -> str:
 
     - the value is converted with ``str()`` (tags are strings in InfluxDB);
     - CR and LF become a space (a newline would end the line: line injection);
-    - an odd run of backslashes just before ``,``, ``=``, a space or the end of
-      the value gets one more backslash (1.x would otherwise read the last one as
-      an escape of the separator and cut or corrupt the line);
+    - an odd run of backslashes just before ``,``, ``=`` or a space gets one more
+      backslash (1.x would otherwise read the last one as an escape of the
+      separator and cut or corrupt the line);
+    - backslashes at the end of the value are removed: InfluxDB 1.x rejects a tag
+      value ending in a backslash, however many there are;
     - the result may be empty: the caller omits such a tag.
 
     Everything else, including backslashes elsewhere, is stored exactly.
@@ -106,7 +113,7 @@ def sanitize_tag_value(value: TagValue) -> str:
     if "\n" in text or "\r" in text:
         text = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
     if "\\" in text:
-        text = _fix_backslash_runs(text, ",= ")
+        text = _fix_backslash_runs(text.rstrip("\\"), ",= ")
     return text
 
 

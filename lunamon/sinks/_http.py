@@ -1,0 +1,283 @@
+"""What the HTTP sinks share: error classification, ``Retry-After``, TLS and secrets.
+
+Every failed write becomes one :class:`~lunamon.sinks.base.SinkError` that says
+whether the flusher may retry it (RELIABILITY.md, "InfluxDB 1.x behaviour"), with
+the server's text truncated to 1 KB and no credential anywhere in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import gzip
+import ipaddress
+import json
+import re
+import ssl
+import time
+from collections.abc import Iterable, Mapping
+from datetime import timezone
+from typing import Final
+
+import aiohttp
+from yarl import URL
+
+from lunamon.sinks.base import MAX_SERVER_TEXT, BatchTooLarge, SinkError
+
+__all__ = [
+    "Secret",
+    "classify_exception",
+    "classify_response",
+    "compress",
+    "error_text",
+    "is_loopback",
+    "make_ssl_context",
+    "new_session",
+    "parse_retry_after",
+    "post_lines",
+    "read_error_body",
+    "redact",
+    "truncate",
+]
+
+# Bodies up to this size are gzipped on the loop; bigger ones in a worker thread.
+_INLINE_GZIP_BYTES: Final = 64 * 1024
+_MIN_REDACTED: Final = 4
+# delay-seconds (RFC 9110 allows digits only; a sign or fraction is tolerated).
+_SECONDS: Final = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
+# How much of an error body is read: InfluxDB echoes whole offending lines.
+_ERROR_BODY_BYTES: Final = 8 * MAX_SERVER_TEXT
+
+
+class Secret:
+    """A password or token that shows as ``'***'`` in ``repr``, ``str`` and ``vars()`` dumps."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def redact(text: str, secrets: Iterable[str | Secret | None]) -> str:
+    """``text`` with every secret replaced by ``***``.
+
+    Secrets shorter than 4 characters are left alone: they would match
+    everywhere and turn every message into noise without hiding anything.
+    """
+    for secret in secrets:
+        value = secret.reveal() if isinstance(secret, Secret) else secret
+        if value and len(value) >= _MIN_REDACTED and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+def truncate(text: str, limit: int = MAX_SERVER_TEXT) -> str:
+    """``text`` cut to ``limit`` characters, marked when cut."""
+    return text if len(text) <= limit else text[:limit] + "...(truncated)"
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header, ``None`` when absent or unreadable.
+
+    Accepts delay-seconds (int or float) and an HTTP date (the delay from
+    ``now``, default the wall clock). A negative or past value means "now" (0.0).
+    No upper cap: capping is the flusher's decision.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if _SECONDS.fullmatch(text):
+        return max(float(text), 0.0)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": no zone given; HTTP dates are always GMT
+        when = when.replace(tzinfo=timezone.utc)
+    reference = time.time() if now is None else now
+    return max(when.timestamp() - reference, 0.0)
+
+
+def error_text(body: bytes, headers: Mapping[str, str] | None = None) -> str:
+    """The server's explanation of an error: the ``error``/``message`` of a JSON body
+    (InfluxDB 1.x / 2.x), else the body as text, else the ``X-Influxdb-Error`` header."""
+    text = body.decode("utf-8", errors="replace").strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            pass
+        else:
+            if isinstance(data, dict):
+                for key in ("error", "message"):
+                    value = data.get(key)
+                    if isinstance(value, str) and value:
+                        return value
+    if not text and headers is not None:
+        text = headers.get("X-Influxdb-Error", "")
+    return text
+
+
+async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
+    """At most a few KB of an error response (enough for the 1 KB excerpt)."""
+    try:
+        return await response.content.read(_ERROR_BODY_BYTES)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return b""
+
+
+def classify_response(
+    status: int,
+    text: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    what: str = "write",
+    secrets: Iterable[str | Secret | None] = (),
+) -> SinkError:
+    """The :class:`SinkError` for a write answered with a non-2xx ``status``.
+
+    Retryable: 408, 429, 5xx (``Retry-After`` honoured), except a 500 for an
+    unknown retention policy (a configuration error). Not retryable: 400
+    (partial write, type conflict, bad line: the good lines were stored),
+    401, 403, 404 and other 4xx and 3xx. 413 is :class:`BatchTooLarge`.
+    """
+    server_text = redact(text, secrets)  # SinkError truncates it to 1 KB
+    if status == 413:
+        return BatchTooLarge(f"{what} failed: HTTP 413 body too large", server_text=server_text)
+    reason, retryable = _reason(status, text.lower())
+    retry_after = None
+    if retryable and headers is not None:
+        retry_after = parse_retry_after(headers.get("Retry-After"))
+    return SinkError(
+        f"{what} failed: HTTP {status} {reason}".rstrip(),
+        retryable=retryable,
+        status=status,
+        retry_after=retry_after,
+        server_text=server_text,
+    )
+
+
+def _reason(status: int, lowered: str) -> tuple[str, bool]:
+    """A short reason for the log, and whether a retry can succeed."""
+    if status == 400:
+        return ("partial write" if "partial write" in lowered else "bad request"), False
+    if status == 401:
+        return "unauthorized (missing or wrong credentials)", False
+    if status == 403:
+        return "forbidden (the user may not write here)", False
+    if status == 404:
+        return ("database not found" if "database not found" in lowered else "not found"), False
+    if status == 500 and "retention policy not found" in lowered:
+        return "retention policy not found", False
+    if status == 503 and "throttled" in lowered:
+        return "throttled", True
+    if status == 429:
+        return "too many requests", True
+    if status == 408 or 500 <= status <= 599:
+        return "", True
+    return "", False
+
+
+def classify_exception(
+    exc: BaseException, *, what: str = "write", secrets: Iterable[str | Secret | None] = ()
+) -> SinkError:
+    """A transport failure (connection refused, DNS, reset, timeout, TLS) as a retryable
+    :class:`SinkError`; its message has the failure's type and text, never credentials.
+
+    Raise the result ``from None``: aiohttp exceptions carry ``request_info`` with
+    the request headers, Authorization included.
+    """
+    if isinstance(exc, asyncio.TimeoutError):
+        detail = "timed out"
+    else:
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return SinkError(f"{what} failed: {redact(detail, secrets)}", retryable=True)
+
+
+def make_ssl_context(verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
+    """Client TLS context: verification on by default against the system CAs plus
+    ``ca_file``; ``verify=False`` (explicit only) turns off certificate and host checks."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+async def compress(body: bytes) -> bytes:
+    """gzip ``body``; large bodies are compressed in a worker thread, off the event loop."""
+    if len(body) <= _INLINE_GZIP_BYTES:
+        return gzip.compress(body, compresslevel=6, mtime=0)
+    return await asyncio.to_thread(gzip.compress, body, 6, mtime=0)
+
+
+def new_session(timeout: float, ssl_context: ssl.SSLContext | None) -> aiohttp.ClientSession:
+    """A session for one sink: ``timeout`` seconds for a whole request (connect, send,
+    answer), TLS with ``ssl_context`` when given, no proxy or ``.netrc`` from the environment.
+
+    Call it inside the running loop (``start()``), never at construction.
+    """
+    connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        headers={"User-Agent": "lunamon"},
+        trust_env=False,
+    )
+
+
+async def post_lines(
+    session: aiohttp.ClientSession,
+    url: URL,
+    body: bytes,
+    *,
+    authorization: Secret | None,
+    gzipped: bool,
+    what: str,
+    secrets: Iterable[str | Secret | None] = (),
+) -> None:
+    """POST a line-protocol body; return on 2xx, else raise the classified :class:`SinkError`.
+
+    Redirects are not followed: a write endpoint that redirects is a
+    configuration error, and following one could send the credentials elsewhere.
+    """
+    headers = {"Content-Type": "text/plain; charset=utf-8"}
+    if authorization is not None:
+        headers["Authorization"] = authorization.reveal()
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
+    try:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+            if 200 <= resp.status < 300:
+                return
+            status, answer_headers = resp.status, resp.headers
+            raw = await read_error_body(resp)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise classify_exception(exc, what=what, secrets=secrets) from None
+    raise classify_response(
+        status, error_text(raw, answer_headers), answer_headers, what=what, secrets=secrets
+    )

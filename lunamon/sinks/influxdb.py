@@ -1,0 +1,286 @@
+"""The InfluxDB 1.x sink: ``POST /write?db=..&precision=ns`` with lunamon's own encoder.
+
+Why the HTTP calls are made with aiohttp directly rather than through
+aioinflux 0.9.0's ``InfluxDBClient`` (checked against its source):
+
+- its encoder is wrong for InfluxDB 1.x (RELIABILITY.md), so lunamon encodes;
+  it would only have been the transport, and as a transport it
+- takes the error text only from the ``X-Influxdb-Error`` header, never from
+  the body: influxd 1.6.7 leaves that header out of a 401, and proxies,
+  VictoriaMetrics and 2.x do not send it at all;
+- cannot send a per-request header, so no ``Content-Encoding: gzip``;
+- raises ``NotImplementedError`` for ``precision=`` (we rely on the ns default);
+- falls back to aiohttp's 300 s timeout, calls ``asyncio.get_event_loop()`` in
+  its constructor (deprecated without a running loop: a warning since Python
+  3.12, an error since 3.14, so it cannot be built with the app) and closes its
+  session from ``__del__``;
+- shows the password in ``repr(client)`` (the ``BasicAuth`` kept in ``opts``).
+
+So :meth:`InfluxDBSink.start` creates one ``aiohttp.ClientSession`` in the
+running loop, with an explicit timeout, and every request carries Basic auth
+in its ``Authorization`` header, never in the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Sequence
+
+import aiohttp
+from yarl import URL
+
+from lunamon._log import logger
+from lunamon.point import Point, encode_lines_async
+from lunamon.sinks._http import (
+    Secret,
+    classify_exception,
+    classify_response,
+    compress,
+    error_text,
+    is_loopback,
+    make_ssl_context,
+    new_session,
+    post_lines,
+    read_error_body,
+)
+from lunamon.sinks.base import SinkError
+
+__all__ = ["InfluxDBSink"]
+
+
+class InfluxDBSink:
+    """Writes batches to an InfluxDB 1.x database (also VictoriaMetrics' ``/write``).
+
+    With ``create_database`` the database is created at :meth:`start` (or, when
+    the server is down then, before the first write) and again after a
+    ``404 database not found``, after which the batch is retried once.
+    Credentials over plain HTTP to another host are refused unless
+    ``allow_plain_credentials`` is set (and then logged as a warning).
+    """
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 8086,
+        database: str = "luna_monitoring",
+        username: str | None = None,
+        password: str | None = None,
+        ssl: bool = False,
+        verify_ssl: bool = True,
+        timeout: float = 10.0,
+        create_database: bool = True,
+        *,
+        ca_file: str | None = None,
+        retention_policy: str | None = None,
+        gzip: bool = False,
+        name: str | None = None,
+        allow_plain_credentials: bool = False,
+    ) -> None:
+        if not host:
+            raise ValueError("host must not be empty")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"port must be an int in 1..65535, not {port!r}")
+        if not isinstance(database, str) or not database:
+            raise ValueError("database must be a non-empty string")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        if password is not None and not username:
+            raise ValueError("a password needs a username")
+        self._plain_credentials = bool(username) and not ssl and not is_loopback(host)
+        if self._plain_credentials and not allow_plain_credentials:
+            raise ValueError(
+                f"credentials would go to {host} over plain HTTP: use ssl=True,"
+                " or pass allow_plain_credentials=True to accept that"
+            )
+        self.name = name or "influxdb"
+        self.host = host
+        self.port = port
+        self.database = database
+        self.username = username
+        self.ssl = ssl
+        self.verify_ssl = verify_ssl
+        self.ca_file = ca_file
+        self.timeout = float(timeout)
+        self.create_database = create_database
+        self.retention_policy = retention_policy
+        self.gzip = gzip
+        self._password = Secret(password or "")
+        self._authorization: Secret | None = None
+        if username:
+            token = base64.b64encode(f"{username}:{password or ''}".encode()).decode("ascii")
+            self._authorization = Secret(f"Basic {token}")
+        base = URL.build(scheme="https" if ssl else "http", host=host, port=port)
+        self.url = str(base)
+        params = {"db": database, "precision": "ns"}
+        if retention_policy:
+            params["rp"] = retention_policy
+        self._write_url = base.with_path("/write").with_query(params)
+        self._query_url = base.with_path("/query")
+        self._what = f"influxdb write to {self.url} db={database}"
+        self._session: aiohttp.ClientSession | None = None
+        self._need_database = create_database
+        self._database_lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        password = "'***'" if self._password else "None"
+        return (
+            f"InfluxDBSink(name={self.name!r}, url={self.url!r}, database={self.database!r},"
+            f" username={self.username!r}, password={password})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def _secrets(self) -> tuple[Secret | None, ...]:
+        return (self._password, self._authorization)
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise SinkError(f"{self._what} failed: the sink is closed", retryable=False)
+        if self._session is None:
+            context = make_ssl_context(self.verify_ssl, self.ca_file) if self.ssl else None
+            self._session = new_session(self.timeout, context)
+            if self._plain_credentials:
+                logger.warning(
+                    "influxdb_plain_credentials",
+                    sink=self.name,
+                    url=self.url,
+                    detail="credentials are sent over plain HTTP (allow_plain_credentials=True)",
+                )
+        return self._session
+
+    async def start(self) -> None:
+        """Open the HTTP session and create the database when configured.
+
+        A server that is down or refuses the creation is logged, not raised:
+        the database is created before the first write instead.
+        """
+        self._closed = False
+        self._open_session()
+        if not self._need_database:
+            return
+        try:
+            await self._ensure_database()
+        except SinkError as exc:
+            logger.warning(
+                "influxdb_create_database_failed",
+                sink=self.name,
+                database=self.database,
+                error=str(exc),
+                will_retry=exc.retryable,
+            )
+
+    async def write(self, points: Sequence[Point]) -> None:
+        """Write one batch; raise a classified :class:`SinkError` when it is not stored."""
+        if not points:
+            return
+        session = self._open_session()
+        tried_create = self._need_database
+        if tried_create:
+            try:
+                await self._ensure_database()
+            except SinkError as exc:
+                if exc.retryable:
+                    raise
+                # Not allowed to create it (a user without admin rights): write
+                # anyway, the database may well exist.
+        batch = points if isinstance(points, (list, tuple)) else list(points)
+        body = await encode_lines_async(batch)
+        if self.gzip:
+            body = await compress(body)
+        try:
+            await self._post(session, body)
+        except SinkError as exc:
+            if tried_create or not (self.create_database and _database_not_found(exc)):
+                raise
+            self._need_database = True
+            try:
+                await self._ensure_database()
+            except SinkError as create_error:
+                # The server went away meanwhile: retry the batch later; refused: the 404 stands.
+                raise (create_error if create_error.retryable else exc) from None
+            await self._post(session, body)
+
+    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> None:
+        await post_lines(
+            session,
+            self._write_url,
+            body,
+            authorization=self._authorization,
+            gzipped=self.gzip,
+            what=self._what,
+            secrets=self._secrets,
+        )
+
+    async def _ensure_database(self) -> None:
+        """``CREATE DATABASE`` once; raises the classified :class:`SinkError` on failure.
+
+        After a retryable failure it is tried again before the next write; after
+        any other only when a write answers ``404 database not found``.
+        """
+        async with self._database_lock:
+            if not self._need_database:
+                return
+            try:
+                await self._create_database()
+            except SinkError as exc:
+                if not exc.retryable:
+                    self._need_database = False
+                raise
+            self._need_database = False
+
+    async def _create_database(self) -> None:
+        session = self._open_session()
+        what = f"influxdb create database {self.database!r} at {self.url}"
+        headers = {}
+        if self._authorization is not None:
+            headers["Authorization"] = self._authorization.reveal()
+        name = self.database.replace("\\", "\\\\").replace('"', '\\"')
+        form = {"q": f'CREATE DATABASE "{name}"'}
+        try:
+            async with session.post(
+                self._query_url, data=form, headers=headers, allow_redirects=False
+            ) as resp:
+                status, answer_headers = resp.status, resp.headers
+                raw = await (resp.read() if status == 200 else read_error_body(resp))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise classify_exception(exc, what=what, secrets=self._secrets) from None
+        if status != 200:
+            raise classify_response(
+                status,
+                error_text(raw, answer_headers),
+                answer_headers,
+                what=what,
+                secrets=self._secrets,
+            )
+        statement_error = _statement_error(raw)
+        if statement_error:
+            raise SinkError(f"{what} failed", retryable=False, server_text=statement_error)
+
+    async def close(self) -> None:
+        """Close the HTTP session; later writes raise a non-retryable :class:`SinkError`."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+def _database_not_found(exc: SinkError) -> bool:
+    return exc.status == 404 and "database not found" in exc.server_text.lower()
+
+
+def _statement_error(raw: bytes) -> str:
+    """The first statement error of a 200 ``/query`` answer, ``""`` when none."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    for result in data.get("results") or []:
+        if isinstance(result, dict) and result.get("error"):
+            return str(result["error"])
+    return str(data.get("error") or "")
