@@ -212,20 +212,17 @@ class Flusher:
             return
         self._closed = True
         deadline = time.monotonic() + self.policy.shutdown_timeout
-        for channel in self._channels:
-            if channel.task is not None:
-                channel.task.cancel()
-        for channel in self._channels:
-            if channel.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await channel.task
-        await asyncio.gather(*(self._drain(c, deadline) for c in self._channels))
+        await asyncio.gather(*(self._shutdown(c, deadline) for c in self._channels))
 
-    async def _drain(self, channel: _Channel, deadline: float) -> None:
+    async def _shutdown(self, channel: _Channel, deadline: float) -> None:
         if channel.lock is None:
             channel.lock = asyncio.Lock()
         try:
+            # Taking the lock waits for a write in flight instead of cancelling it: a
+            # cancelled write may still land (a thread, a request already sent), and
+            # the drain would then send its batch a second time.
             async with _timeout(max(0.0, deadline - time.monotonic())), channel.lock:
+                await self._stop_task(channel)
                 while channel.buffered():
                     if await self._attempt_all(channel):
                         break
@@ -233,6 +230,7 @@ class Flusher:
                     await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         except asyncio.TimeoutError:
             pass
+        await self._stop_task(channel)  # a write still hanging at the deadline is abandoned
         left = channel.buffered()
         if left:
             channel.dropped["shutdown"] += left
@@ -244,6 +242,14 @@ class Flusher:
                 await channel.sink.close()
         except Exception as exc:
             logger.error("sink_close_failed", sink=channel.name, error=repr(exc)[:1024])
+
+    @staticmethod
+    async def _stop_task(channel: _Channel) -> None:
+        task, channel.task = channel.task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _reset_after_fork(self) -> None:
         for channel in self._channels:

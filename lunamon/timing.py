@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
-from types import TracebackType
+from types import FunctionType, MethodType, TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 import wrapt
@@ -48,7 +48,8 @@ async def _timed_await(coro: Awaitable[T], collector: RequestCollector, name: st
     try:
         return await coro
     finally:
-        collector.add_step(name, perf_counter() - start)
+        steps = collector.steps
+        steps[name] = steps.get(name, 0.0) + (perf_counter() - start)
 
 
 class _TimedAsyncGenerator(Generic[Y, S]):
@@ -120,44 +121,44 @@ class _TimedGenerator(Generic[Y, S, T]):
         return getattr(self._gen, attr)
 
 
-def _make_wrapper(func: Callable[..., Any], name: str) -> Callable[..., Any]:
-    if inspect.iscoroutinefunction(func):
+# One factory per kind of callable. Each returns the call path for ``wrapped``
+# as a ``__call__`` (its first parameter is the wrapper object, unused): the kind
+# and the field name are settled here, once, not on every call.
+Caller = Callable[..., Any]
 
-        def coroutine_wrapper(
-            wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
-        ) -> Any:
-            collector = _current_get()
-            if collector is None:
-                return wrapped(*args, **kwargs)
-            return _timed_await(wrapped(*args, **kwargs), collector, name)
 
-        return coroutine_wrapper
+def _coroutine_caller(wrapped: Callable[..., Any], name: str) -> Caller:
+    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
+        collector = _current_get()
+        if collector is None:
+            return wrapped(*args, **kwargs)
+        return _timed_await(wrapped(*args, **kwargs), collector, name)
 
-    if inspect.isasyncgenfunction(func):
+    return __call__
 
-        def async_generator_wrapper(
-            wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
-        ) -> Any:
-            collector = _current_get()
-            if collector is None:
-                return wrapped(*args, **kwargs)
-            return _TimedAsyncGenerator(wrapped(*args, **kwargs), collector, name)
 
-        return async_generator_wrapper
+def _async_generator_caller(wrapped: Callable[..., Any], name: str) -> Caller:
+    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
+        collector = _current_get()
+        if collector is None:
+            return wrapped(*args, **kwargs)
+        return _TimedAsyncGenerator(wrapped(*args, **kwargs), collector, name)
 
-    if inspect.isgeneratorfunction(func):
+    return __call__
 
-        def generator_wrapper(
-            wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
-        ) -> Any:
-            collector = _current_get()
-            if collector is None:
-                return wrapped(*args, **kwargs)
-            return _TimedGenerator(wrapped(*args, **kwargs), collector, name)
 
-        return generator_wrapper
+def _generator_caller(wrapped: Callable[..., Any], name: str) -> Caller:
+    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
+        collector = _current_get()
+        if collector is None:
+            return wrapped(*args, **kwargs)
+        return _TimedGenerator(wrapped(*args, **kwargs), collector, name)
 
-    def function_wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    return __call__
+
+
+def _function_caller(wrapped: Callable[..., Any], name: str) -> Caller:
+    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
         collector = _current_get()
         if collector is None:
             return wrapped(*args, **kwargs)
@@ -165,9 +166,56 @@ def _make_wrapper(func: Callable[..., Any], name: str) -> Callable[..., Any]:
         try:
             return wrapped(*args, **kwargs)
         finally:
-            collector.add_step(name, perf_counter() - start)
+            steps = collector.steps
+            steps[name] = steps.get(name, 0.0) + (perf_counter() - start)
 
-    return function_wrapper
+    return __call__
+
+
+def _caller_factory(func: Callable[..., Any]) -> Callable[[Callable[..., Any], str], Caller]:
+    if inspect.iscoroutinefunction(func):
+        return _coroutine_caller
+    if inspect.isasyncgenfunction(func):
+        return _async_generator_caller
+    if inspect.isgeneratorfunction(func):
+        return _generator_caller
+    return _function_caller
+
+
+class _TimedFunctionWrapper(wrapt.FunctionWrapper):  # type: ignore[type-arg]
+    """wrapt's proxy (introspection, descriptors) with a fast call path.
+
+    wrapt 2.5's own ``__call__`` probes ``__wrapped__.__self__`` on every call
+    (about 1.5 µs for a plain function), binding a method builds a
+    ``BoundFunctionWrapper`` per access, and every attribute read on the proxy
+    costs ~200 ns. So :func:`_wrap` makes one subclass per decorated callable
+    whose ``__call__`` closes over the function and the field name; plain
+    functions and instance methods (bound with ``MethodType``) call straight
+    through it. Classmethods, staticmethods and other descriptors keep wrapt's
+    binding and its ``(wrapped, instance, args, kwargs)`` wrapper.
+    """
+
+    _plain = False
+
+    def __init__(self, wrapped: Any, factory: Callable[[Any, str], Caller], name: str) -> None:
+        def wrapper(inner: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            return factory(inner, name)(None, *args, **kwargs)
+
+        super().__init__(wrapped, wrapper)
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if not self._plain:
+            return super().__get__(instance, owner)
+        if instance is None:
+            return self
+        return MethodType(self, instance)
+
+
+def _wrapper_class(func: Any, factory: Callable[[Any, str], Caller], name: str) -> type[Any]:
+    if not isinstance(func, FunctionType):
+        return _TimedFunctionWrapper
+    namespace = {"__call__": factory(func, name), "_plain": True}
+    return type("TimedFunction", (_TimedFunctionWrapper,), namespace)
 
 
 def _wrap(func: F, name: str | None) -> F:
@@ -175,7 +223,8 @@ def _wrap(func: F, name: str | None) -> F:
     if not callable(inner):
         raise TypeError(f"timed() needs a function, not {type(func).__name__}")
     field = _check_name(name if name is not None else f"{inner.__name__}_time")
-    wrapper: F = wrapt.FunctionWrapper(func, _make_wrapper(inner, field))  # type: ignore[assignment]
+    factory = _caller_factory(inner)
+    wrapper: F = _wrapper_class(func, factory, field)(func, factory, field)
     return wrapper
 
 

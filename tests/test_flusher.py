@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 
@@ -350,3 +351,32 @@ def test_emit_before_any_loop_exists_then_run() -> None:
 def test_bad_policy_is_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - message per rule
         FlushPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_close_waits_for_a_write_in_flight_instead_of_sending_it_twice() -> None:
+    class ThreadSink(ScriptedSink):
+        """Writes in a thread, like the file sink: a cancelled write still lands."""
+
+        def _write(self, batch: list[Point]) -> None:
+            started.set()
+            release.wait(5)
+            self.batches.append(batch)
+
+        async def write(self, points: Sequence[Point]) -> None:
+            await asyncio.to_thread(self._write, list(points))
+
+    started, release = threading.Event(), threading.Event()
+    sink = ThreadSink()
+    flusher = Flusher([sink], FlushPolicy(flush_interval=0.01, shutdown_timeout=5.0))
+    await flusher.start()
+    for i in range(10):
+        flusher.emit(point(i))
+    await asyncio.to_thread(started.wait, 5)  # the task is inside sink.write now
+    closing = asyncio.create_task(flusher.close())
+    await asyncio.sleep(0)
+    release.set()
+    await closing
+    assert sink.written == list(range(10))  # once, not twice
+    stats = flusher.stats()["scripted"]
+    assert stats["written"] == 10
+    assert_invariant(stats)
