@@ -9,7 +9,12 @@ exercise every outcome:
 - ``fail=raise``: an unhandled exception (500, error code 1)
 - ``fail=luna_exc``: an exception carrying ``error_code`` (500)
 - ``fail=http``: ``web.HTTPBadRequest`` raised
-- ``fail=hang``: the handler waits until the client goes away (recorded as 499)
+- ``fail=hang``: the handler waits until the client goes away (recorded as 499;
+  aiohttp cancels the handler of a vanished client only when the runner has
+  ``handler_cancellation=True``, as ``lunamon demo``'s has)
+
+``lunamon demo`` runs it on a free loopback port and drives it with the mix of
+:mod:`lunamon.demo.traffic`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,528 @@
+"""The ``lunamon`` command: ``demo``, ``report`` and ``send``.
+
+Exit codes: 0 done; 1 the work failed (points not written, server unreachable,
+a missing extra); 2 bad input or usage (a file that is not valid line
+protocol, a bad URL or option). Every error is one line on stderr, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lunamon.demo.influx import InfluxTarget
+    from lunamon.demo.report import Report
+    from lunamon.flusher import SinkStats
+    from lunamon.settings import MonitoringSettings
+
+__all__ = ["main"]
+
+_T = TypeVar("_T")
+
+DEFAULT_REQUESTS = 2000
+DEFAULT_OUT = "lunamon-demo.lp"
+EXTRA_HINT = "pip install 'lunamon[report]'"
+
+
+class CommandError(Exception):
+    """Ends a command with a one-line message and an exit code."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _require(module: str, what: str) -> None:
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise CommandError(
+            f"{what} needs the 'report' extra ({exc}): {EXTRA_HINT}", code=1
+        ) from None
+
+
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output gets a fixed width, so tables do not depend on the caller's terminal.
+    width = None if stream.isatty() else 120
+    # No file given: the console writes to the sys.stdout/stderr of the moment, so lines
+    # printed while a progress bar runs go through the bar's redirection, above it.
+    return Console(stderr=stderr, width=width, highlight=False)
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool) -> Iterator[None]:
+    """lunamon's structlog events to stderr (warnings and up, ``-v`` for info), unless the
+    caller already configured structlog; restored afterwards."""
+    import structlog
+
+    if structlog.is_configured():
+        yield
+        return
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.INFO if verbose else logging.WARNING
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+
+
+class _Bar:
+    """A progress bar on stderr when it is a terminal (else nothing), shown from ``start()``
+    so that lines printed before it stay above it."""
+
+    def __init__(self, total: int | None, label: str, enabled: bool) -> None:
+        self.total = total
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start(self) -> None:
+        if not self.enabled or self._progress is not None:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=_console(stderr=True),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(self.label, total=self.total)
+
+    def advance(self, count: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, count)
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _say(console: Console, text: str = "") -> None:
+    """A line of prose: not wrapped at the console width, no rich markup in it."""
+    console.print(text, soft_wrap=True, markup=False)
+
+
+def _stats_lines(stats: dict[str, SinkStats]) -> list[str]:
+    lines = ["monitoring stats per sink (emitted = written + dropped + buffered):"]
+    for name, s in stats.items():
+        dropped = sum(s["dropped"].values())
+        balanced = s["emitted"] == s["written"] + dropped + s["buffered"]
+        reasons = ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items() if v)
+        lines.append(
+            f"  {name}: {s['emitted']:,} = {s['written']:,} + {dropped:,} + {s['buffered']:,}"
+            f"  {'ok' if balanced else 'MISMATCH'}; retries {s['retries']:,}"
+            + (f"; dropped: {reasons}" if reasons else "")
+        )
+    return lines
+
+
+def _check_delivered(stats: dict[str, SinkStats], what: str) -> None:
+    for name, s in stats.items():
+        dropped = sum(s["dropped"].values())
+        if s["emitted"] != s["written"] + dropped + s["buffered"]:
+            raise CommandError(f"sink {name}: the counters do not add up: {s}", code=1)
+        missing = s["emitted"] - s["written"]
+        if missing:
+            raise CommandError(
+                f"{missing:,} of {s['emitted']:,} points were not written to {name}"
+                f" ({what}); see the log above",
+                code=1,
+            )
+
+
+def _influx_target(url: str, database: str | None = None) -> InfluxTarget:
+    from lunamon.demo.influx import InfluxURLError, parse_influx_url
+
+    try:
+        target = parse_influx_url(url, database)
+    except InfluxURLError as exc:
+        raise CommandError(f"--influx {exc}") from None
+    try:
+        target.sink()  # the sink's own checks
+    except ValueError as exc:
+        if "plain HTTP" in str(exc):
+            raise CommandError(
+                f"--influx: credentials would go to {target.host} over plain HTTP; use https://"
+            ) from None
+        raise CommandError(f"--influx: {exc}") from None
+    return target
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run``; InfluxDB failures become a one-line error (exit 1)."""
+    from lunamon.demo.influx import InfluxQueryError
+
+    try:
+        return asyncio.run(coro)
+    except InfluxQueryError as exc:
+        raise CommandError(str(exc), code=1) from None
+
+
+def _write_html(report: Report, path: str, console: Console) -> None:
+    _require("plotly", "--html")
+    from lunamon.demo.charts import write_html
+
+    try:
+        written = write_html(report, path)
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
+    _say(console, f"HTML report with charts: {written}")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _load_settings(path: str) -> MonitoringSettings:
+    from lunamon.settings import MonitoringSettings, SettingsError
+
+    try:
+        settings = MonitoringSettings.load(path)
+    except SettingsError as exc:
+        raise CommandError(f"--config {exc}") from None
+    except OSError as exc:
+        raise CommandError(f"--config {path}: {exc.strerror or exc}") from None
+    if not settings.enabled:
+        raise CommandError(f"--config {path}: monitoring is disabled there (enabled = false)")
+    return settings
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _require("rich", "lunamon demo")
+    if args.html:
+        _require("plotly", "--html")
+    from lunamon.demo.report import ReportInputError, build_report, print_report
+    from lunamon.demo.run import run_demo
+
+    requests = args.requests
+    if requests is None and args.duration is None:
+        requests = DEFAULT_REQUESTS
+    influx = _influx_target(args.influx) if args.influx else None
+    settings = _load_settings(args.config) if args.config else None
+    out = Path(args.out or DEFAULT_OUT) if influx is None and settings is None else None
+    if out is not None:
+        try:
+            out.write_bytes(b"")  # each run starts a fresh file; fail now when not writable
+        except OSError as exc:
+            raise CommandError(f"--out {out}: {exc.strerror or exc}") from None
+    console = _console()
+
+    bar = _Bar(requests, "requests", not args.no_progress)
+
+    def on_start(url: str, destination: str) -> None:
+        amount = f"{requests:,} requests" if requests is not None else "requests"
+        limit = f" for up to {args.duration:g} s" if args.duration is not None else ""
+        _say(
+            console,
+            f"lunamon demo: luna-handlers on {url}; {amount}{limit},"
+            f" concurrency {args.concurrency} -> {destination}",
+        )
+        bar.start()
+
+    with bar:
+        try:
+            result = _run(
+                run_demo(
+                    requests=requests,
+                    concurrency=args.concurrency,
+                    duration=args.duration,
+                    latency=args.latency,
+                    out=out,
+                    influx=influx,
+                    settings=settings,
+                    seed=args.seed,
+                    on_start=on_start,
+                    on_request=lambda: bar.advance(1),
+                )
+            )
+        except ReportInputError as exc:  # the points read back are not what was written
+            raise CommandError(str(exc), code=1) from None
+
+    traffic = result.traffic
+    statuses = ", ".join(f"{code}: {n:,}" for code, n in sorted(traffic.statuses.items()))
+    _say(
+        console,
+        f"sent {traffic.sent:,} requests in {traffic.elapsed:.1f} s ({traffic.rate:,.0f}/s);"
+        f" answers {statuses}; abandoned by the client: {traffic.abandoned:,}"
+        + (f"; timeouts: {traffic.timeouts:,}" if traffic.timeouts else "")
+        + (f"; client errors: {dict(traffic.client_errors)}" if traffic.client_errors else ""),
+    )
+    try:
+        report = build_report(result.points, source=result.report_source)
+    except ReportInputError as exc:
+        raise CommandError(str(exc), code=1) from None
+    _say(console)
+    print_report(report, console)
+    for line in _stats_lines(result.stats):
+        _say(console, line)
+    if args.html:
+        _write_html(report, args.html, console)
+    _check_delivered(result.stats, result.destination)
+    if settings is None:  # a file or InfluxDB: what is there must be what the stats say
+        (written,) = (s["written"] for s in result.stats.values())
+        if len(result.points) != written:
+            raise CommandError(
+                f"{result.destination} holds {len(result.points):,} points of this run,"
+                f" but the stats say {written:,} were written",
+                code=1,
+            )
+    if out is not None:
+        _say(
+            console,
+            f"\nnext: lunamon report {out} --html lunamon-report.html"
+            f"\n      lunamon send {out} --influx http://127.0.0.1:8086/luna_monitoring",
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report(args: argparse.Namespace) -> int:
+    _require("rich", "lunamon report")
+    if args.html:
+        _require("plotly", "--html")
+    from lunamon.demo.report import ReportInputError, build_report, load_file, print_report
+
+    if (args.file is None) == (args.influx is None):
+        raise CommandError("give either a line-protocol FILE or --influx URL")
+    if args.influx is None and (args.database or args.since):
+        raise CommandError("--database and --since go with --influx")
+    try:
+        if args.file is not None:
+            points = load_file(args.file)
+            source = args.file
+        else:
+            from lunamon.demo.influx import parse_duration, query_points
+
+            target = _influx_target(args.influx, args.database)
+            try:
+                since = parse_duration(args.since or "1h")
+            except ValueError as exc:
+                raise CommandError(f"--since: {exc}") from None
+            points = _run(query_points(target, ("request", "error"), f"time > now() - {since}"))
+            source = f"{target}, last {since}"
+        report = build_report(points, source=source, service=args.service)
+    except ReportInputError as exc:
+        raise CommandError(str(exc)) from None
+    console = _console()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report, console)
+    if args.html:
+        _write_html(report, args.html, _console(stderr=args.json))
+    return 0
+
+
+# --------------------------------------------------------------------------- send
+
+
+def _send(args: argparse.Namespace) -> int:
+    _require("rich", "lunamon send")
+    from lunamon.demo.report import ReportInputError, load_file
+    from lunamon.demo.send import send_points
+
+    target = _influx_target(args.influx, args.database)
+    try:
+        points = load_file(args.file)
+    except ReportInputError as exc:
+        raise CommandError(str(exc)) from None
+    console = _console()
+    _say(console, f"lunamon send: {len(points):,} points from {args.file} -> InfluxDB {target}")
+    with _Bar(len(points), "points", not args.no_progress) as bar:
+        bar.start()
+        done = 0
+
+        def on_progress(count: int) -> None:
+            nonlocal done
+            bar.advance(count - done)
+            done = count
+
+        stats = _run(
+            send_points(
+                points,
+                target,
+                batch_size=args.batch_size,
+                max_retries=args.max_retries,
+                on_progress=on_progress,
+            )
+        )
+    for line in _stats_lines(stats):
+        _say(console, line)
+    _check_delivered(stats, str(target))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value < 3600:
+        raise argparse.ArgumentTypeError(f"must be in 0..3600 seconds, got {value:g}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lunamon",
+        description="lunamon: per-request monitoring for aiohttp services, points to InfluxDB.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show lunamon's info logs")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the luna-handlers-like demo service under generated traffic, then report",
+        description="Start the instrumented demo service on a free 127.0.0.1 port, send it"
+        " generated traffic (with failures), write the points, and print the report and the"
+        " monitoring stats.",
+    )
+    demo.set_defaults(func=_demo)
+    demo.add_argument(
+        "--requests",
+        type=_positive_int,
+        help=f"requests to send (default {DEFAULT_REQUESTS}; unlimited with --duration)",
+    )
+    demo.add_argument("--concurrency", type=_positive_int, default=16, help="default 16")
+    demo.add_argument("--duration", type=_seconds, help="stop sending after this many seconds")
+    demo.add_argument(
+        "--latency",
+        type=_seconds,
+        default=0.002,
+        help="mean simulated time of one sub-step, seconds (default 0.002)",
+    )
+    demo.add_argument("--seed", type=int, help="seed of the traffic mix (reproducible runs)")
+    where = demo.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out", metavar="FILE", help=f"line-protocol file to write (default {DEFAULT_OUT})"
+    )
+    where.add_argument(
+        "--influx", metavar="URL", help="InfluxDB 1.x to write to: http://host:8086/database"
+    )
+    where.add_argument(
+        "--config", metavar="FILE", help="write to the sinks of a lunamon settings file"
+    )
+    demo.add_argument("--html", metavar="FILE", help="also write the HTML report with charts")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    report = commands.add_parser(
+        "report",
+        help="latency, sub-step and error tables from a line-protocol file or InfluxDB",
+        description="Per route: requests, error rate, p50/p95/p99 execution_time, the share of"
+        " each sub-step in the route's time, and errors by error_code and status.",
+    )
+    report.set_defaults(func=_report)
+    report.add_argument("file", nargs="?", metavar="FILE", help="a line-protocol file")
+    report.add_argument("--influx", metavar="URL", help="read from InfluxDB 1.x: http://host:8086")
+    report.add_argument("--database", metavar="DB", help="the database (or as the URL's path)")
+    report.add_argument("--since", metavar="DURATION", help="InfluxDB time range: 15m, 1h, 7d")
+    report.add_argument("--service", help="only points of this service tag")
+    report.add_argument("--html", metavar="FILE", help="write a self-contained page with charts")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    send = commands.add_parser(
+        "send",
+        help="ship a line-protocol file into InfluxDB in batches",
+        description="Write the points of a line-protocol file (the demo's, a file sink's) to"
+        " InfluxDB 1.x through lunamon's flusher: batches, retries with backoff, stats.",
+    )
+    send.set_defaults(func=_send)
+    send.add_argument("file", metavar="FILE", help="a line-protocol file")
+    send.add_argument(
+        "--influx", metavar="URL", required=True, help="http://[user:pass@]host:8086/database"
+    )
+    send.add_argument("--database", metavar="DB", help="the database (or as the URL's path)")
+    send.add_argument("--batch-size", type=_positive_int, default=5000, help="default 5000")
+    send.add_argument(
+        "--max-retries", type=_count, default=10, help="retries of one batch (default 10)"
+    )
+    send.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lunamon`` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command = args.func.__name__.lstrip("_")
+    with _logging(args.verbose):
+        try:
+            code: int = args.func(args)
+        except CommandError as exc:
+            print(f"lunamon {command}: error: {exc}", file=sys.stderr)
+            return exc.code
+        except KeyboardInterrupt:
+            print(f"lunamon {command}: interrupted", file=sys.stderr)
+            return 130
+    return code

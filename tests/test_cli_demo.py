@@ -1,0 +1,200 @@
+"""``lunamon demo``: the service under generated traffic, its file and InfluxDB outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import InfluxServer
+
+from lunamon.cli import main
+from lunamon.demo.service import SUBSTEPS
+from lunamon.point import Point, parse_line_protocol
+
+FAST = ["--latency", "0.001", "--no-progress", "--seed", "7"]
+STATS_LINE = re.compile(r"^\s+(\S+): ([\d,]+) = ([\d,]+) \+ ([\d,]+) \+ ([\d,]+)  ok", re.M)
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _stats(stdout: str) -> dict[str, tuple[int, ...]]:
+    """sink -> (emitted, written, dropped, buffered) from the demo's stats lines."""
+    return {m[1]: tuple(_number(g) for g in m.groups()[1:]) for m in STATS_LINE.finditer(stdout)}
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Point], str]:
+    """``lunamon demo --requests 300`` in a fresh directory with the default output file."""
+    directory = tmp_path_factory.mktemp("demo")
+    stdout = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            assert main(["demo", "--requests", "300", *FAST]) == 0
+    finally:
+        os.chdir(cwd)
+    points = parse_line_protocol((directory / "lunamon-demo.lp").read_text())
+    return points, stdout.getvalue()
+
+
+def test_demo_file_holds_exactly_the_written_points(demo_file: tuple[list[Point], str]) -> None:
+    points, out = demo_file
+    stats = _stats(out)
+    assert list(stats) == ["file"]
+    emitted, written, dropped, buffered = stats["file"]
+    assert (dropped, buffered) == (0, 0)
+    assert emitted == written == len(points)
+    requests = [p for p in points if p.series == "request"]
+    assert len(requests) == 300
+    assert "300 requests" in out
+
+
+def test_demo_covers_every_resource_and_sub_step(demo_file: tuple[list[Point], str]) -> None:
+    points, _ = demo_file
+    fields: dict[str, set[str]] = {}
+    for p in points:
+        if p.series == "request":
+            fields.setdefault(p.tags["route"], set()).update(p.fields)
+            assert p.tags["service"] == "luna-handlers"
+            assert isinstance(p.fields["request_id"], str)
+            assert all(type(v) is float for k, v in p.fields.items() if k.endswith("_time"))
+    assert set(fields) == set(SUBSTEPS)
+    for route, steps in SUBSTEPS.items():
+        assert set(steps) <= fields[route], route
+    handler_ids = {p.tags.get("handler_id") for p in points if "handlers" in p.tags["route"]}
+    assert None not in handler_ids
+    assert len(handler_ids) > 1
+
+
+def test_demo_error_points_carry_luna_codes(demo_file: tuple[list[Point], str]) -> None:
+    points, _ = demo_file
+    requests = {p.fields["request_id"]: p for p in points if p.series == "request"}
+    errors = [p for p in points if p.series == "error"]
+    outcomes = Counter((p.tags["error_code"], p.tags["status_code"]) for p in errors)
+    # LUNA JSON bodies (12012/400, 1/500), an exception with error_code (10015),
+    # an unhandled exception (1/500), HTTPBadRequest (0/400), a client that went away (0/499).
+    assert {("12012", "400"), ("1", "500"), ("10015", "500"), ("0", "400"), ("0", "499")} <= set(
+        outcomes
+    )
+    for error in errors:
+        int(error.tags["error_code"])
+        request = requests[error.fields["request_id"]]
+        assert request.time_ns == error.time_ns
+        assert request.tags["status_code"] == error.tags["status_code"]
+        assert int(error.tags["status_code"]) >= 400
+    failed = [p for p in requests.values() if int(p.tags["status_code"]) >= 400]
+    assert len(failed) == len(errors)
+
+
+def test_demo_prints_the_report(demo_file: tuple[list[Point], str]) -> None:
+    _, out = demo_file
+    assert "Requests by route" in out
+    assert "Sub-steps" in out
+    assert "Errors by error_code and status" in out
+    for route in SUBSTEPS:
+        assert route in out
+
+
+def test_demo_with_duration_stops_by_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "timed.lp"
+    assert main(["demo", "--duration", "0.3", "--out", str(out_file), *FAST]) == 0
+    stdout = capsys.readouterr().out
+    _, written, _, _ = _stats(stdout)["file"]
+    assert 0 < written == len(parse_line_protocol(out_file.read_text()))
+
+
+def test_demo_into_influxdb(influxd: InfluxServer, capsys: pytest.CaptureFixture[str]) -> None:
+    db = "lunamon_cli_demo"
+    assert main(["demo", "--requests", "300", "--influx", f"{influxd.url}/{db}", *FAST]) == 0
+    out = capsys.readouterr().out
+    _, written, _, _ = _stats(out)["influxdb"]
+
+    def count(series: str) -> int:
+        rows = influxd.rows(f'SELECT count("request_id") FROM "{series}"', db)
+        return int(rows[0]["count"]) if rows else 0
+
+    assert count("request") == 300
+    assert count("request") + count("error") == written
+    types = influxd.field_types("request", db)
+    assert types["execution_time"] == "float"
+    assert types["request_id"] == "string"
+    for steps in SUBSTEPS.values():
+        assert all(types[step] == "float" for step in steps)
+    routes = influxd.column('SHOW TAG VALUES FROM "request" WITH KEY = "route"', db, "value")
+    assert set(routes) == set(SUBSTEPS)
+
+
+def test_demo_unreachable_influxdb_is_one_line_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from servers import free_port
+
+    code = main(["demo", "--influx", f"http://127.0.0.1:{free_port()}/db", *FAST])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1
+    assert "cannot reach InfluxDB" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--influx", "ftp://x/db"], "expected http://host:port/database"),
+        (["--influx", "http://127.0.0.1:8086"], "no database"),
+        (["--config", "/nonexistent/lunamon.toml"], "No such file"),
+        (["--out", "/nonexistent/dir/x.lp"], "No such file"),
+    ],
+)
+def test_demo_bad_options(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *args, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_demo_with_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lp = tmp_path / "configured.lp"
+    config = tmp_path / "lunamon.toml"
+    config.write_text(
+        f'[monitoring]\nservice = "luna-handlers"\n\n'
+        f'[[monitoring.sinks]]\ntype = "file"\npath = "{lp}"\nfsync = false\n'
+    )
+    assert main(["demo", "--requests", "100", "--config", str(config), *FAST]) == 0
+    stats = _stats(capsys.readouterr().out)
+    assert set(stats) == {"file", "report-copy"}
+    assert stats["file"][1] == len(parse_line_protocol(lp.read_text())) == stats["report-copy"][1]
+
+
+def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lunamon", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_python_m_lunamon(tmp_path: Path) -> None:
+    done: Any = _run_module("demo", "--requests", "60", *FAST, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "file: " in done.stdout
+    assert (tmp_path / "lunamon-demo.lp").stat().st_size > 0
+    assert done.stderr == ""
