@@ -220,7 +220,9 @@ class RequestRecorder:
     ) -> None:
         tags = route.tags(status, request)
         if collector.extra_tags:
-            tags = {**collector.extra_tags, **tags}
+            tags = tags.copy()  # the shared dict stays as it is
+            for key, value in collector.extra_tags.items():
+                tags.setdefault(key, value)
         fields: dict[str, FieldValue] = {
             "request_id": collector.request_id,
             "execution_time": elapsed,
