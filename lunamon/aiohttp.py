@@ -25,7 +25,7 @@ from lunamon._log import RateLimitedLogger
 from lunamon.collector import RequestCollector, current
 from lunamon.flusher import FlushPolicy
 from lunamon.monitoring import Monitoring
-from lunamon.point import FieldValue, Point, sanitize_tag_value
+from lunamon.point import FieldValue, Point, TagSet, sanitize_tag_value
 from lunamon.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -100,9 +100,9 @@ class _Route:
         self.path_tags = path_tags
         # Tag dicts shared by every point with the same status (and path-tag values):
         # no dict per request, and a buffered point costs only its fields.
-        self.tag_sets: dict[object, dict[str, str]] = {}
+        self.tag_sets: dict[object, TagSet] = {}
 
-    def tags(self, status: int, request: web.Request) -> dict[str, str]:
+    def tags(self, status: int, request: web.Request) -> TagSet:
         """The tags of a point of this route; shared, never to be mutated."""
         key: object = status
         if self.path_tags:
@@ -110,7 +110,7 @@ class _Route:
             key = (status, *[match_info.get(param) for param, _ in self.path_tags])
         tags = self.tag_sets.get(key)
         if tags is None:
-            tags = {"service": self.service, "route": self.name, "status_code": str(status)}
+            tags = TagSet(service=self.service, route=self.name, status_code=str(status))
             if self.path_tags:
                 for (_, tag), value in zip(self.path_tags, key[1:], strict=True):  # type: ignore[index]
                     text = sanitize_tag_value(value) if value else ""
@@ -218,9 +218,9 @@ class RequestRecorder:
         status: int,
         outcome: web.StreamResponse | BaseException | None,
     ) -> None:
-        tags = route.tags(status, request)
+        tags: dict[str, str] = route.tags(status, request)
         if collector.extra_tags:
-            tags = tags.copy()  # the shared dict stays as it is
+            tags = dict(tags)  # the shared TagSet stays as it is
             for key, value in collector.extra_tags.items():
                 tags.setdefault(key, value)
         fields: dict[str, FieldValue] = {
@@ -238,7 +238,7 @@ class RequestRecorder:
             isinstance(outcome, Exception) and not isinstance(outcome, web.HTTPException)
         )
         if failed:
-            error_tags = tags.copy()
+            error_tags = dict(tags)
             error_tags["error_code"] = str(self._error_code(request, status, outcome))
             emit(Point.trusted("error", start_ns, error_tags, {"request_id": collector.request_id}))
 

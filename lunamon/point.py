@@ -17,6 +17,7 @@ from typing import Any, Final
 __all__ = [
     "FieldValue",
     "Point",
+    "TagSet",
     "TagValue",
     "encode_lines",
     "encode_lines_async",
@@ -189,6 +190,23 @@ def validate_field_value(value: object) -> FieldValue | None:
 # --------------------------------------------------------------------------- Point
 
 
+class TagSet(dict[str, str]):
+    """A tags dict shared by many points and never mutated (the recorder makes them).
+
+    It remembers its encoded line prefix (series + tags), so the encoder escapes
+    and joins a route's tags once, not once per point.
+    """
+
+    __slots__ = ("_head",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head: tuple[str, str] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TagSet, (dict(self),))
+
+
 class Point(tuple):  # type: ignore[type-arg]
     """One event: series, start time (ns since the epoch), tags and fields.
 
@@ -312,8 +330,7 @@ def _field_key(key: str) -> str:
     return escaped
 
 
-def _encode(point: Point) -> str:
-    series, time_ns, tags, fields = point
+def _head(series: str, tags: Mapping[str, str]) -> str:
     head = _series_cache.get(series)
     if head is None:
         head = _escape_series(series)
@@ -322,6 +339,20 @@ def _encode(point: Point) -> str:
         for item in tags.items():
             pair = tag_get(item)
             head += pair if pair is not None else _tag_pair(*item)
+    return head
+
+
+def _encode(point: Point) -> str:
+    series, time_ns, tags, fields = point
+    if type(tags) is TagSet:
+        cached = tags._head
+        if cached is not None and cached[0] == series:
+            head = cached[1]
+        else:
+            head = _head(series, tags)
+            tags._head = (series, head)
+    else:
+        head = _head(series, tags)
     key_get = _field_key_cache.get
     parts = []
     for key, value in fields.items():

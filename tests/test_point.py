@@ -237,3 +237,15 @@ def test_property_one_line_per_point_and_parse_gives_it_back(
     (back,) = parse_line_protocol(line + "\n")
     assert back == p
     assert back.tags == {k: sanitize_tag_value(v) for k, v in tags.items() if sanitize_tag_value(v)}
+
+
+def test_shared_tagset_caches_its_prefix_per_series() -> None:
+    from lunamon.point import TagSet
+
+    tags = TagSet(route="POST:/a b", status_code="200")
+    first = Point.trusted("request", 1, tags, {"f": 1.0})
+    other = Point.trusted("error", 1, tags, {"f": 1.0})
+    assert first.to_line_protocol() == "request,route=POST:/a\\ b,status_code=200 f=1.0 1"
+    assert other.to_line_protocol() == "error,route=POST:/a\\ b,status_code=200 f=1.0 1"
+    assert first.to_line_protocol() == "request,route=POST:/a\\ b,status_code=200 f=1.0 1"
+    assert pickle.loads(pickle.dumps(first)) == first
