@@ -13,6 +13,7 @@ and accounts for every point::
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import random
@@ -123,6 +124,23 @@ def _forget_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _drain_unstarted_at_exit() -> None:
+    # A flusher that never started (gunicorn's master with --preload, a script that
+    # never ran a loop) still holds what was emitted: send it once, within its deadline.
+    for flusher in list(_live_flushers):
+        if flusher._started or flusher._closed:
+            continue
+        if not any(c.buffered() for c in flusher._channels):
+            continue
+        try:
+            asyncio.run(flusher.close())
+        except Exception as exc:
+            logger.error("drain_at_exit_failed", error=repr(exc)[:1024])
+
+
+atexit.register(_drain_unstarted_at_exit)
 
 
 class Flusher:
@@ -281,14 +299,15 @@ class Flusher:
             else:
                 timeout = self._backoff(channel)
                 channel.backing_off = True
+                # emit() may have set `wake` during the failed attempt: keep the backoff.
+                channel.wake.clear()
 
     def _backoff(self, channel: _Channel) -> float:
         policy = self.policy
         if channel.retry_after is not None:
             return min(max(float(channel.retry_after), 0.0), policy.retry_max_delay)
-        delay: float = min(
-            policy.retry_max_delay, policy.retry_base_delay * 2.0 ** (channel.attempts - 1)
-        )
+        exponent = min(max(channel.attempts - 1, 0), 64)  # 2.0 ** 1024 overflows
+        delay: float = min(policy.retry_max_delay, policy.retry_base_delay * 2.0**exponent)
         return delay / 2 + self._rng.uniform(0, delay / 2)
 
     async def _attempt_all(self, channel: _Channel) -> bool:

@@ -557,3 +557,18 @@ def test_constructor_checks_and_defaults() -> None:
         InfluxDBSink(timeout=0)
     with pytest.raises(ValueError, match="username"):
         InfluxDBSink(password="x")
+
+
+async def test_a_body_over_one_megabyte_is_sent_without_a_warning(
+    influxd: InfluxServer, sink_for: Callable[..., InfluxDBSink], db: str
+) -> None:
+    # aiohttp warns (ResourceWarning) about raw bytes bodies over 1 MB; under
+    # filterwarnings=error that warning would reject the batch.
+    points = [
+        Point("big", T0 + i, {"route": "POST:/x"}, {"request_id": "r" * 200, "f": float(i)})
+        for i in range(5000)
+    ]
+    assert len(encode_lines(points)) > 2**20
+    sink = sink_for(db)
+    await sink.write(points)
+    assert influxd.rows('SELECT count("f") FROM "big"', db)[0]["count"] == 5000

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import gzip
+import io
 import ipaddress
 import json
 import re
@@ -271,7 +272,10 @@ async def post_lines(
     if gzipped:
         headers["Content-Encoding"] = "gzip"
     try:
-        async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+        # A BytesIO body is sent in chunks with yields to the loop; raw bytes over
+        # 1 MB would be one write (aiohttp warns with a ResourceWarning).
+        data = io.BytesIO(body)
+        async with session.post(url, data=data, headers=headers, allow_redirects=False) as resp:
             if 200 <= resp.status < 300:
                 return
             status, answer_headers = resp.status, resp.headers
