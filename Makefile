@@ -35,12 +35,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check lunamon tests benchmarks
 	$(BIN)/mypy
 
+# The whole catalogue, load and deployment tests included (about 2 minutes on 2 cores).
 # pytest exits 5 when it collected no test; make treats every non-zero exit as failure.
 test: $(STAMP) servers lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q
 
+# Only the load and deployment tests, with their printed figures.
 test-slow: $(STAMP) servers
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -s -m slow
 
 bench: $(STAMP) servers
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
