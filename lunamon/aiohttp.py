@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import wrapt
 from aiohttp import web
+from multidict import istr
 
 from lunamon._log import RateLimitedLogger
 from lunamon.collector import RequestCollector, current
@@ -136,7 +137,8 @@ class RequestRecorder:
     ) -> None:
         self.monitoring = monitoring
         self.service = sanitize_tag_value(monitoring.service) or "unknown"
-        self.request_id_header = request_id_header
+        # A pre-built case-insensitive key: multidict skips folding it on every lookup.
+        self.request_id_header = istr(request_id_header)
         self.exclude = frozenset(exclude)
         self.path_tags = dict(DEFAULT_PATH_TAGS if path_tags is None else path_tags)
         self.failed_status_codes = frozenset(failed_status_codes)
