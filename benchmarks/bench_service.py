@@ -1,0 +1,248 @@
+"""Table 1: throughput of an aiohttp hello world under each instrumentation, loaded by wrk.
+
+Every variant is its own server process (``benchmarks._server``) on a free
+127.0.0.1 port, all started up front and warmed up; then each round loads every
+variant once with ``wrk -t1 -c32 -d<N>s``, in an order that rotates from round
+to round. The ratio is the median of the per-round ratios to the bare server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from benchmarks._common import (
+    PYTHON,
+    REPO,
+    Summary,
+    base_parser,
+    fmt_int,
+    fmt_ratio,
+    free_port,
+    have,
+    markdown_table,
+    paired_ratio,
+    verdict,
+)
+from benchmarks._server import REQUIRES, VARIANTS
+
+__all__ = ["PATH", "Server", "main", "run_wrk"]
+
+TITLE: Final = "1. Service throughput with instrumentation (aiohttp hello world, wrk -t1 -c32)"
+LABELS: Final = {
+    "bare": "bare aiohttp",
+    "empty_middleware": "empty pass-through middleware (aiohttp's machinery alone)",
+    "minimal_timing": "minimal hand-written timing middleware (perf_counter + list append)",
+    "prometheus": "prometheus_client Histogram + Counter middleware",
+    "opentelemetry": "OpenTelemetry aiohttp-server + SDK (BatchSpanProcessor, metrics)",
+    "lunamon_middleware": "**lunamon** middleware, full seed schema, encoded to a sink",
+    "lunamon_decorator": "**lunamon** `@monitor_request`, `setup(middleware=False)`",
+}
+TARGETS: Final = {"lunamon_middleware": 0.85, "lunamon_decorator": 0.90}
+PATH: Final = "/handlers/3f0c6b1e-9d1a-4c55-8d0b-5b8a3c2e1f00/events"
+STARTUP_TIMEOUT: Final = 30.0
+STOP_TIMEOUT: Final = 20.0
+
+_RPS = re.compile(r"^Requests/sec:\s+([0-9.]+)", re.MULTILINE)
+_TOTAL = re.compile(r"^\s*([0-9]+) requests in", re.MULTILINE)
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+([0-9]+)")
+_SOCKET_ERRORS = re.compile(r"Socket errors: (.*)")
+
+
+class BenchmarkError(RuntimeError):
+    """A server or wrk did not behave; the figures of this run would be wrong."""
+
+
+class Server:
+    """One variant's server process: started, probed until it answers, stopped by SIGTERM."""
+
+    def __init__(
+        self, variant: str, workdir: Path, extra: Sequence[str] = (), name: str | None = None
+    ) -> None:
+        self.variant = variant
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}{PATH}"
+        self.stats_path = workdir / f"{name or variant}.json"
+        self.log_path = workdir / f"{name or variant}.log"
+        self.served = 0
+        self.extra = list(extra)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "benchmarks._server", "--variant", variant, *self._args()],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def _args(self) -> list[str]:
+        return ["--port", str(self.port), "--stats", str(self.stats_path), *self.extra]
+
+    def _log_tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return ""
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchmarkError(f"{self.variant} server exited:\n{self._log_tail()}")
+            try:
+                request = urllib.request.Request(self.url, data=b"", method="POST")
+                with urllib.request.urlopen(request, timeout=2.0) as response:
+                    if response.status == 200:
+                        self.served += 1
+                        return
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BenchmarkError(f"{self.variant} server not ready:\n{self._log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM (the app's cleanup runs and writes its stats), SIGKILL after a timeout."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            stats: dict[str, Any] = json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            stats = {}
+        return stats
+
+
+def run_wrk(url: str, duration: int, connections: int, script: Path) -> tuple[float, int]:
+    """``wrk`` against ``url``: (requests per second, requests completed)."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)
+    out = done.stdout
+    rps, total = _RPS.search(out), _TOTAL.search(out)
+    if done.returncode != 0 or rps is None or total is None:
+        raise BenchmarkError(f"wrk failed ({done.returncode}):\n{out}\n{done.stderr}")
+    bad = _NON_2XX.search(out)
+    if bad is not None and int(bad.group(1)):
+        raise BenchmarkError(f"{bad.group(1)} responses were not 2xx:\n{out}")
+    errors = _SOCKET_ERRORS.search(out)
+    if errors is not None and "timeout 0" not in errors.group(1):
+        raise BenchmarkError(f"wrk saw socket errors: {errors.group(1)}")
+    return float(rps.group(1)), int(total.group(1))
+
+
+def measure(
+    variants: Sequence[str], rounds: int, duration: int, warmup: int, connections: int
+) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]], dict[str, int]]:
+    """Per variant: the req/s of every round, the server's stats, the requests it served."""
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="lunamon-bench-service-") as tmp:
+        workdir = Path(tmp)
+        script = workdir / "post.lua"
+        script.write_text('wrk.method = "POST"\n')
+        servers: dict[str, Server] = {}
+        try:
+            for variant in variants:
+                servers[variant] = Server(variant, workdir)
+            for server in servers.values():
+                server.wait_ready()
+                if warmup:
+                    server.served += run_wrk(server.url, warmup, connections, script)[1]
+            for round_no in range(rounds):
+                shift = round_no % len(variants)
+                for variant in [*variants[shift:], *variants[:shift]]:
+                    server = servers[variant]
+                    rps, total = run_wrk(server.url, duration, connections, script)
+                    results[variant].append(rps)
+                    server.served += total
+        finally:
+            stats = {variant: server.stop() for variant, server in servers.items()}
+        served = {variant: server.served for variant, server in servers.items()}
+    return results, stats, served
+
+
+def _recorded(stats: dict[str, Any], served: int, in_flight: int) -> str:
+    """What the server recorded against what wrk counted as served.
+
+    wrk does not count the requests in flight when its time is up, so up to
+    ``in_flight`` more than it counted reached the server.
+    """
+    recorded = stats.get("recorded")
+    if recorded is None or not served:
+        return "—"
+    if served <= recorded <= served + in_flight:
+        return f"all ({fmt_int(recorded)})"
+    return f"{recorded / served:.1%} of {fmt_int(served)}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--duration", type=int, default=3, help="seconds of wrk per round")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before round 1")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--variants", help="comma-separated subset of: " + ",".join(VARIANTS))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 1, 0
+    wanted = args.variants.split(",") if args.variants else list(VARIANTS)
+    if "bare" not in wanted:
+        wanted.insert(0, "bare")
+    skipped = {v: m for v in wanted for m in REQUIRES.get(v, ()) if not have(m)}
+    variants = [v for v in wanted if v not in skipped]
+
+    results, stats, served = measure(
+        variants, args.rounds, args.duration, args.warmup, args.connections
+    )
+    bare = results["bare"]
+    in_flight = args.connections * (args.rounds + (1 if args.warmup else 0))
+    rows = []
+    for variant in wanted:
+        if variant in skipped:
+            rows.append([LABELS[variant], f"skipped: {skipped[variant]} not installed"] + [""] * 5)
+            continue
+        summary = Summary(results[variant])
+        ratio = paired_ratio(results[variant], bare)
+        target = TARGETS.get(variant)
+        rows.append(
+            [
+                LABELS[variant],
+                fmt_int(summary.median),
+                f"{fmt_int(summary.min)} / {fmt_int(summary.max)}",
+                fmt_ratio(ratio),
+                f">= {target:.2f}: {verdict(ratio >= target)}" if target else "",
+                _recorded(stats.get(variant, {}), served[variant], in_flight),
+            ]
+        )
+    print(f"### {TITLE}\n")
+    print(
+        markdown_table(
+            ["variant", "req/s (median)", "min / max", "ratio to bare", "target", "recorded"],
+            [row[:6] for row in rows],
+        )
+    )
+    print(
+        f"\n{args.rounds} round(s) of {args.duration} s per variant, variants alternating;"
+        " ratio = median of per-round ratios to bare. `POST /handlers/{handlerId}/events`"
+        " answering `Hello, World!`; the lunamon variants generate a request id, tag"
+        " service/route/status_code/handler_id, emit the point, and their sink encodes"
+        " every batch to line protocol. `recorded` = the points (spans, requests counted)"
+        " the server reported at shutdown, against the requests wrk counted."
+    )
+
+
+if __name__ == "__main__":
+    main()
