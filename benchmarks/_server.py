@@ -361,7 +361,7 @@ def ablate(app: web.Application, piece: str) -> None:
 
     if piece == "request_id":
         fixed = integration.new_request_id()
-        integration.new_request_id = lambda: fixed
+        integration.new_request_id = lambda seconds=None: fixed
     elif piece == "record":
         integration.RequestRecorder._record = lambda *args: None  # type: ignore[method-assign]
     elif piece == "emit":

@@ -11,14 +11,23 @@ parameters become tags) is computed once per route and cached.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import TYPE_CHECKING, Any, Final
 
-import wrapt
 from aiohttp import web
 from multidict import istr
 
@@ -61,23 +70,37 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # ----------------------------------------------------------------------- request ids
 
-_rng = random.Random()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_rng.seed)
-_getrandbits = _rng.getrandbits
 _wall_time = time.time
-_UUID4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
+_id_prefix = ""
+_id_counter: Iterator[int] = iter(())
 
 
-def new_request_id() -> str:
+def _new_id_source() -> None:
+    """A fresh random uuid4 prefix and counter start: at import, and in a forked child."""
+    global _id_prefix, _id_counter
+    rng = random.Random()
+    h = f"{rng.getrandbits(80):020x}"
+    variant = "89ab"[int(h[16], 16) & 3]
+    _id_prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-"
+    _id_counter = itertools.count(rng.getrandbits(47))
+
+
+_new_id_source()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_id_source)
+
+
+def new_request_id(seconds: int | None = None) -> str:
     """A request id in LUNA's format: ``"<unix seconds>,<uuid4>"``.
 
-    The uuid4 is built from a private PRNG reseeded after ``fork`` (the same
-    shape as ``uuid.uuid4()``, at a third of its cost: ids must be unique, not secret).
+    The uuid4 (version and variant bits as ``uuid.uuid4()``) is 74 random bits
+    drawn once per process (again after ``fork``) and a 48-bit counter: unique
+    within the process by construction and across processes by the random part,
+    at one string format per request. Ids must be unique, not secret.
     """
-    h = "%032x" % (_getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
-    return f"{int(_wall_time())},{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    if seconds is None:
+        seconds = int(_wall_time())
+    return f"{seconds},{_id_prefix}{next(_id_counter) & 0xFFFFFFFFFFFF:012x}"
 
 
 def _plausible_request_id(value: str) -> bool:
@@ -90,7 +113,7 @@ def _plausible_request_id(value: str) -> bool:
 class _Route:
     """What the recorder needs of one (method, resource) pair, computed once."""
 
-    __slots__ = ("excluded", "name", "path_tags", "service", "tag_sets")
+    __slots__ = ("excluded", "name", "params", "path_tags", "service", "tag_sets")
 
     def __init__(
         self, name: str, service: str, excluded: bool, path_tags: tuple[tuple[str, str], ...]
@@ -99,6 +122,7 @@ class _Route:
         self.service = service
         self.excluded = excluded
         self.path_tags = path_tags
+        self.params = tuple(param for param, _ in path_tags)
         # Tag dicts shared by every point with the same status (and path-tag values):
         # no dict per request, and a buffered point costs only its fields.
         self.tag_sets: dict[object, TagSet] = {}
@@ -107,8 +131,7 @@ class _Route:
         """The tags of a point of this route; shared, never to be mutated."""
         key: object = status
         if self.path_tags:
-            match_info = request.match_info
-            key = (status, *[match_info.get(param) for param, _ in self.path_tags])
+            key = (status, *map(request.match_info.get, self.params))
         tags = self.tag_sets.get(key)
         if tags is None:
             tags = TagSet(service=self.service, route=self.name, status_code=str(status))
@@ -166,19 +189,26 @@ class RequestRecorder:
         return route
 
     async def run(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Serve ``request`` with ``handler`` as a monitored request."""
-        route = self._route(request.method, request.match_info.route.resource)
+        """Serve ``request`` with ``handler`` as a monitored request.
+
+        Also the middleware itself (``setup`` installs this bound method).
+        """
+        method = request.method
+        resource = request.match_info.route.resource
+        route = self._routes.get((method, resource))
+        if route is None:
+            route = self._route(method, resource)
         if route.excluded:
             return await handler(request)
-        header = self.request_id_header
-        request_id = request.headers.get(header)
-        if request_id is None or not _plausible_request_id(request_id):
-            request_id = new_request_id()
-        collector = RequestCollector(route.name, request_id)
         start_ns = time.time_ns()
         if start_ns <= self._last_ns:  # unique per process: same-tag points never overwrite
             start_ns = self._last_ns + 1
         self._last_ns = start_ns
+        header = self.request_id_header
+        request_id = request.headers.get(header)
+        if request_id is None or not _plausible_request_id(request_id):
+            request_id = new_request_id(start_ns // 1_000_000_000)
+        collector = RequestCollector(route.name, request_id)
         token = current.set(collector)
         start = time.perf_counter()
         status = 500
@@ -235,11 +265,12 @@ class RequestRecorder:
             for key, field in collector.extra_fields.items():
                 fields.setdefault(key, field)
         emit = self.monitoring.emit
-        emit(Point.trusted("request", start_ns, tags, fields))
-        failed = status in self.failed_status_codes or (
-            isinstance(outcome, Exception) and not isinstance(outcome, web.HTTPException)
-        )
-        if failed:
+        emit(_new_point(Point, ("request", start_ns, tags, fields)))
+        if status in self.failed_status_codes or (
+            not isinstance(outcome, web.StreamResponse)
+            and isinstance(outcome, Exception)
+            and not isinstance(outcome, web.HTTPException)
+        ):
             error_tags = dict(tags)
             error_tags["error_code"] = str(self._error_code(request, status, outcome))
             emit(Point.trusted("error", start_ns, error_tags, {"request_id": collector.request_id}))
@@ -263,7 +294,11 @@ class RequestRecorder:
         return code
 
 
+# aiohttp's marker of a new-style middleware, on the function: the bound method has it.
+RequestRecorder.run.__middleware_version__ = 1  # type: ignore[attr-defined]
 RECORDER_KEY: Final = web.AppKey("lunamon_recorder", RequestRecorder)
+# Point.trusted without the classmethod call: the recorder's parts are valid by construction.
+_new_point = tuple.__new__
 
 
 def _int_or_none(value: object) -> int | None:
@@ -292,13 +327,8 @@ def _error_code_from_body(response: web.Response) -> int | None:
 
 
 def _middleware(recorder: RequestRecorder) -> Any:
-    run = recorder.run
-
-    @web.middleware
-    async def lunamon_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await run(request, handler)
-
-    return lunamon_middleware
+    # The bound method is the middleware: no coroutine of ours between aiohttp and it.
+    return recorder.run
 
 
 def _find_recorder(request: web.Request) -> RequestRecorder | None:
@@ -308,26 +338,27 @@ def _find_recorder(request: web.Request) -> RequestRecorder | None:
     return recorder
 
 
-@wrapt.decorator
-async def _monitor_request_wrapper(
-    wrapped: Callable[..., Awaitable[web.StreamResponse]],
-    instance: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> web.StreamResponse:
-    request: object
-    if isinstance(instance, web.View):
-        request = instance.request
-    elif args:
-        request = args[0]
-    else:
-        request = kwargs.get("request")
-    if not isinstance(request, web.Request) or current.get() is not None:
-        return await wrapped(*args, **kwargs)
-    recorder = _find_recorder(request)
-    if recorder is None:
-        return await wrapped(*args, **kwargs)
-    return await recorder.run(request, lambda _request: wrapped(*args, **kwargs))
+_current_get = current.get
+
+
+def _monitored(func: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
+    """``func`` (a handler function or a ``web.View`` method) run as a monitored request."""
+
+    @functools.wraps(func)
+    async def monitored_handler(*args: Any, **kwargs: Any) -> web.StreamResponse:
+        first = args[0] if args else kwargs.get("request")
+        request = first.request if isinstance(first, web.View) else first
+        plain_call = request is first and len(args) == 1 and not kwargs  # handler(request)
+        if not isinstance(request, web.Request) or _current_get() is not None:
+            return await func(*args, **kwargs)
+        recorder = _find_recorder(request)
+        if recorder is None:
+            return await func(*args, **kwargs)
+        if plain_call:
+            return await recorder.run(request, func)
+        return await recorder.run(request, lambda _request: func(*args, **kwargs))
+
+    return monitored_handler
 
 
 def monitor_request(func: Any = None) -> Any:
@@ -338,8 +369,8 @@ def monitor_request(func: Any = None) -> Any:
     already monitored by the middleware it only calls through.
     """
     if func is None:
-        return _monitor_request_wrapper
-    return _monitor_request_wrapper(func)
+        return _monitored
+    return _monitored(func)
 
 
 def setup(

@@ -356,21 +356,25 @@ def _encode(point: Point) -> str:
     else:
         head = _head(series, tags)
     key_get = _field_key_cache.get
-    parts = []
+    parts: list[str] = []
+    append = parts.append
     for key, value in fields.items():
         fkey = key_get(key) or _field_key(key)
         cls = type(value)
         if cls is float:
-            parts.append(f"{fkey}{value!r}")
+            append(fkey + _float_repr(value))
         elif cls is str:
             if "\\" in value or '"' in value:
                 value = value.replace("\\", "\\\\").replace('"', '\\"')
-            parts.append(f'{fkey}"{value}"')
+            append(f'{fkey}"{value}"')
         elif cls is bool:
-            parts.append(fkey + ("true" if value else "false"))
+            append(fkey + ("true" if value else "false"))
         else:
-            parts.append(f"{fkey}{value}i")
+            append(f"{fkey}{value}i")
     return f"{head} {','.join(parts)} {time_ns}"
+
+
+_float_repr = float.__repr__
 
 
 def encode_lines(points: list[Point] | tuple[Point, ...]) -> bytes:

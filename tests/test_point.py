@@ -206,9 +206,9 @@ _text = st.text(
     min_size=1,
     max_size=20,
 )
-_key = _text.filter(lambda k: k != "time" and "\n" not in k and "\r" not in k).map(
-    lambda k: k.replace("\\", "/")
-)
+_key = _text.filter(
+    lambda k: k != "time" and "\n" not in k and "\r" not in k and not k.startswith("\t")
+).map(lambda k: k.replace("\\", "/"))
 _series = _key.filter(lambda s: not s.startswith("#"))
 _field_value = st.one_of(
     st.booleans(),
