@@ -185,7 +185,7 @@ def test_token_never_in_repr_or_attributes() -> None:
         assert TOKEN not in text
     assert "token='***'" in repr(sink)
     assert sink.name == "influxdb_v2"
-    assert InfluxDBV2Sink("http://h", "o", "b", "t", name="vm").name == "vm"
+    assert InfluxDBV2Sink("http://127.0.0.1", "o", "b", "t", name="vm").name == "vm"
 
 
 def test_constructor_checks() -> None:
@@ -197,3 +197,14 @@ def test_constructor_checks() -> None:
         InfluxDBV2Sink("http://h", "o", "b", "t", precision="m")
     with pytest.raises(ValueError, match="bucket"):
         InfluxDBV2Sink("http://h", "o", "", "t")
+
+
+def test_a_token_over_plain_http_to_another_host_needs_consent() -> None:
+    # Only constructed: no request is made to the (unresolvable) host.
+    with pytest.raises(ValueError, match="allow_plain_credentials"):
+        InfluxDBV2Sink("http://influx.example:8086", "org", "bucket", "tok3n-s3cret")
+    sink = InfluxDBV2Sink(
+        "http://influx.example:8086", "org", "bucket", "tok3n-s3cret", allow_plain_credentials=True
+    )
+    assert "tok3n" not in repr(sink)
+    InfluxDBV2Sink("http://127.0.0.1:8086", "org", "bucket", "tok3n-s3cret")  # loopback: fine

@@ -23,10 +23,12 @@ from typing import Final
 import aiohttp
 from yarl import URL
 
+from lunamon._log import logger
 from lunamon.sinks.base import MAX_SERVER_TEXT, BatchTooLarge, SinkError
 
 __all__ = [
     "Secret",
+    "SinkSession",
     "classify_exception",
     "classify_response",
     "compress",
@@ -38,6 +40,7 @@ __all__ = [
     "post_lines",
     "read_error_body",
     "redact",
+    "refuse_plain_credentials",
     "truncate",
 ]
 
@@ -285,3 +288,80 @@ async def post_lines(
     raise classify_response(
         status, error_text(raw, answer_headers), answer_headers, what=what, secrets=secrets
     )
+
+
+def refuse_plain_credentials(
+    has_credentials: bool, tls: bool, host: str | None, allow: bool
+) -> bool:
+    """Whether credentials would go over plain HTTP to another host (``allow`` is needed then).
+
+    Raises ``ValueError`` when they would and ``allow`` is false; the caller logs a
+    warning when the session opens with them.
+    """
+    plain = has_credentials and not tls and not is_loopback(host or "")
+    if plain and not allow:
+        raise ValueError(
+            f"credentials would go to {host} over plain HTTP: use TLS,"
+            " or pass allow_plain_credentials=True to accept that"
+        )
+    return plain
+
+
+class SinkSession:
+    """The aiohttp session of one HTTP sink.
+
+    Opened in the running loop (never at construction, which may happen before
+    the loop exists), with the sink's timeout and TLS settings; after
+    :meth:`close`, writes fail without retry.
+    """
+
+    def __init__(
+        self,
+        *,
+        what: str,
+        name: str,
+        url: str,
+        timeout: float,
+        tls: bool,
+        verify_ssl: bool,
+        ca_file: str | None,
+        plain_credentials: bool,
+    ) -> None:
+        self.what = what
+        self.name = name
+        self.url = url
+        self.timeout = timeout
+        self.tls = tls
+        self.verify_ssl = verify_ssl
+        self.ca_file = ca_file
+        self.plain_credentials = plain_credentials
+        self.closed = False
+        self._session: aiohttp.ClientSession | None = None
+
+    def open(self) -> aiohttp.ClientSession:
+        """The session, opened on first use."""
+        if self.closed:
+            raise SinkError(f"{self.what} failed: the sink is closed", retryable=False)
+        if self._session is None:
+            context = make_ssl_context(self.verify_ssl, self.ca_file) if self.tls else None
+            self._session = new_session(self.timeout, context)
+            if self.plain_credentials:
+                logger.warning(
+                    "influxdb_plain_credentials",
+                    sink=self.name,
+                    url=self.url,
+                    detail="credentials are sent over plain HTTP (allow_plain_credentials=True)",
+                )
+        return self._session
+
+    def start(self) -> aiohttp.ClientSession:
+        """Open (again, after a close) the session."""
+        self.closed = False
+        return self.open()
+
+    async def close(self) -> None:
+        """Close the session; later writes raise a non-retryable :class:`SinkError`."""
+        self.closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

@@ -35,15 +35,14 @@ from lunamon._log import logger
 from lunamon.point import Point, encode_lines_async
 from lunamon.sinks._http import (
     Secret,
+    SinkSession,
     classify_exception,
     classify_response,
     compress,
     error_text,
-    is_loopback,
-    make_ssl_context,
-    new_session,
     post_lines,
     read_error_body,
+    refuse_plain_credentials,
 )
 from lunamon.sinks.base import SinkError
 
@@ -88,12 +87,7 @@ class InfluxDBSink:
             raise ValueError(f"timeout must be positive, not {timeout!r}")
         if password is not None and not username:
             raise ValueError("a password needs a username")
-        self._plain_credentials = bool(username) and not ssl and not is_loopback(host)
-        if self._plain_credentials and not allow_plain_credentials:
-            raise ValueError(
-                f"credentials would go to {host} over plain HTTP: use ssl=True,"
-                " or pass allow_plain_credentials=True to accept that"
-            )
+        plain = refuse_plain_credentials(bool(username), ssl, host, allow_plain_credentials)
         self.name = name or "influxdb"
         self.host = host
         self.port = port
@@ -119,10 +113,18 @@ class InfluxDBSink:
         self._write_url = base.with_path("/write").with_query(params)
         self._query_url = base.with_path("/query")
         self._what = f"influxdb write to {self.url} db={database}"
-        self._session: aiohttp.ClientSession | None = None
+        self._http = SinkSession(
+            what=self._what,
+            name=self.name,
+            url=self.url,
+            timeout=self.timeout,
+            tls=ssl,
+            verify_ssl=verify_ssl,
+            ca_file=ca_file,
+            plain_credentials=plain,
+        )
         self._need_database = create_database
         self._database_lock = asyncio.Lock()
-        self._closed = False
 
     def __repr__(self) -> str:
         password = "'***'" if self._password else "None"
@@ -137,29 +139,13 @@ class InfluxDBSink:
     def _secrets(self) -> tuple[Secret | None, ...]:
         return (self._password, self._authorization)
 
-    def _open_session(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise SinkError(f"{self._what} failed: the sink is closed", retryable=False)
-        if self._session is None:
-            context = make_ssl_context(self.verify_ssl, self.ca_file) if self.ssl else None
-            self._session = new_session(self.timeout, context)
-            if self._plain_credentials:
-                logger.warning(
-                    "influxdb_plain_credentials",
-                    sink=self.name,
-                    url=self.url,
-                    detail="credentials are sent over plain HTTP (allow_plain_credentials=True)",
-                )
-        return self._session
-
     async def start(self) -> None:
         """Open the HTTP session and create the database when configured.
 
         A server that is down or refuses the creation is logged, not raised:
         the database is created before the first write instead.
         """
-        self._closed = False
-        self._open_session()
+        self._http.start()
         if not self._need_database:
             return
         try:
@@ -177,7 +163,7 @@ class InfluxDBSink:
         """Write one batch; raise a classified :class:`SinkError` when it is not stored."""
         if not points:
             return
-        session = self._open_session()
+        session = self._http.open()
         tried_create = self._need_database
         if tried_create:
             try:
@@ -233,7 +219,7 @@ class InfluxDBSink:
             self._need_database = False
 
     async def _create_database(self) -> None:
-        session = self._open_session()
+        session = self._http.open()
         what = f"influxdb create database {self.database!r} at {self.url}"
         headers = {}
         if self._authorization is not None:
@@ -262,10 +248,7 @@ class InfluxDBSink:
 
     async def close(self) -> None:
         """Close the HTTP session; later writes raise a non-retryable :class:`SinkError`."""
-        self._closed = True
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self._http.close()
 
 
 def _database_not_found(exc: SinkError) -> bool:

@@ -10,20 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-import aiohttp
 from yarl import URL
 
-from lunamon._log import logger
 from lunamon.point import Point, encode_lines_async
 from lunamon.sinks._http import (
     Secret,
+    SinkSession,
     compress,
-    is_loopback,
-    make_ssl_context,
-    new_session,
     post_lines,
+    refuse_plain_credentials,
 )
-from lunamon.sinks.base import SinkError
 
 __all__ = ["InfluxDBV2Sink"]
 
@@ -53,6 +49,7 @@ class InfluxDBV2Sink:
         verify_ssl: bool = True,
         ca_file: str | None = None,
         name: str | None = None,
+        allow_plain_credentials: bool = False,
     ) -> None:
         base = URL(url)
         if base.scheme not in ("http", "https") or not base.host:
@@ -76,16 +73,24 @@ class InfluxDBV2Sink:
         self.ca_file = ca_file
         self._token = Secret(token)
         self._authorization = Secret(f"Token {token}") if token else None
-        self._plain_token = bool(token) and base.scheme == "http" and not is_loopback(base.host)
-        self._tls = base.scheme == "https"
+        tls = base.scheme == "https"
+        plain = refuse_plain_credentials(bool(token), tls, base.host, allow_plain_credentials)
         params = {"bucket": bucket, "precision": precision}
         if org:
             params["org"] = org
         path = base.path.rstrip("/") + "/api/v2/write"
         self._write_url = base.with_path(path).with_query(params)
         self._what = f"influxdb v2 write to {self.url} org={org} bucket={bucket}"
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
+        self._http = SinkSession(
+            what=self._what,
+            name=self.name,
+            url=self.url,
+            timeout=self.timeout,
+            tls=tls,
+            verify_ssl=verify_ssl,
+            ca_file=ca_file,
+            plain_credentials=plain,
+        )
 
     def __repr__(self) -> str:
         token = "'***'" if self._token else "''"
@@ -96,31 +101,15 @@ class InfluxDBV2Sink:
 
     __str__ = __repr__
 
-    def _open_session(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise SinkError(f"{self._what} failed: the sink is closed", retryable=False)
-        if self._session is None:
-            context = make_ssl_context(self.verify_ssl, self.ca_file) if self._tls else None
-            self._session = new_session(self.timeout, context)
-            if self._plain_token:
-                logger.warning(
-                    "influxdb_plain_credentials",
-                    sink=self.name,
-                    url=self.url,
-                    detail="the token is sent over plain HTTP",
-                )
-        return self._session
-
     async def start(self) -> None:
         """Open the HTTP session (no request is made: a down server is found at the write)."""
-        self._closed = False
-        self._open_session()
+        self._http.start()
 
     async def write(self, points: Sequence[Point]) -> None:
         """Write one batch; raise a classified :class:`SinkError` when it is not stored."""
         if not points:
             return
-        session = self._open_session()
+        session = self._http.open()
         batch = points if isinstance(points, (list, tuple)) else list(points)
         unit = _PRECISION_NS[self.precision]
         if unit != 1:
@@ -140,10 +129,7 @@ class InfluxDBV2Sink:
 
     async def close(self) -> None:
         """Close the HTTP session; later writes raise a non-retryable :class:`SinkError`."""
-        self._closed = True
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self._http.close()
 
 
 def _rescaled(point: Point, unit: int) -> Point:
