@@ -14,13 +14,14 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,report]'
 	touch $(STAMP)
 
-# influxd, victoria-metrics and chromium (the HTML report's render test) come from
-# Debian's packages; installed when missing.
+# influxd, victoria-metrics, chromium (the HTML report's render test) and openssl (the
+# TLS tests' certificate) come from Debian's packages; installed when missing.
 servers:
 	@missing=""; \
 	command -v influxd >/dev/null 2>&1 || missing="$$missing influxdb"; \
 	command -v victoria-metrics >/dev/null 2>&1 || missing="$$missing victoria-metrics"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \

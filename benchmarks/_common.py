@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from lunamon import Monitoring, RequestRecorder, current_request
+from lunamon.demo.service import SUBSTEPS
 from lunamon.point import FieldValue
 
 __all__ = [
@@ -52,17 +53,7 @@ SERVICE: Final = "luna-handlers"
 SEED_PATH_TEMPLATE: Final = "/handlers/{handlerId}/events"
 SEED_ROUTE: Final = f"POST:{SEED_PATH_TEMPLATE}"
 # The sub-step fields of the seed's POST /handlers/{handlerId}/events.
-SEED_STEPS: Final = (
-    "load_images_for_processing_time",
-    "face_sample_storage_policy_time",
-    "body_sample_storage_policy_time",
-    "image_origin_storage_policy_time",
-    "face_attribute_storage_policy_time",
-    "face_storage_policy_time",
-    "event_storage_policy_time",
-    "notification_storage_policy_time",
-    "match_policy_time",
-)
+SEED_STEPS: Final = SUBSTEPS[SEED_ROUTE]
 
 # One point as plain parts: (time_ns, tags, fields); each encoder builds its own object.
 Record = tuple[int, dict[str, str], dict[str, FieldValue]]

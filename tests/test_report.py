@@ -348,8 +348,8 @@ def test_html_report_renders_in_headless_chromium(
     known_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     browser = _chromium()
-    if browser is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    # `make test` installs Debian's chromium: its absence is a broken setup, not a skip.
+    assert browser is not None, "chromium is not installed (Debian: apt-get install chromium)"
     page = tmp_path / "report.html"
     assert main(["report", str(known_file), "--html", str(page)]) == 0
     assert f"HTML report with charts: {page}" in capsys.readouterr().out
