@@ -14,14 +14,16 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,report]'
 	touch $(STAMP)
 
-# influxd, victoria-metrics, chromium (the HTML report's render test) and openssl (the
-# TLS tests' certificate) come from Debian's packages; installed when missing.
+# influxd, victoria-metrics, chromium (the HTML report's render test), openssl (the
+# TLS tests' certificate) and wrk (the benchmarks' load, run by their smoke tests) come
+# from Debian's packages; installed when missing.
 servers:
 	@missing=""; \
 	command -v influxd >/dev/null 2>&1 || missing="$$missing influxdb"; \
 	command -v victoria-metrics >/dev/null 2>&1 || missing="$$missing victoria-metrics"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \

@@ -1,14 +1,31 @@
-"""Private server processes for tests: influxd and victoria-metrics on free loopback ports.
+"""Private servers for the tests and the benchmarks: one launcher, one shape.
 
-Every server gets its own temporary data directory and free 127.0.0.1 ports,
-is polled until it answers (with a deadline, never a fixed sleep), and is
-stopped with SIGTERM, then SIGKILL after a timeout. The session fixtures start
-each kind once; :func:`influxd_factory` starts extra private instances for
-tests that kill or restart one.
+Every server here is used the same way::
 
-:class:`FakeInfluxServer` is an aiohttp server with a programmable list of
-answers, for faults a real server cannot be made to produce (429 with
-``Retry-After``, a socket that never answers).
+    with InfluxServer() as server:    # start(): free 127.0.0.1 ports, a temporary data
+        ...server.url...              #   directory, polled until it answers (with a deadline)
+                                      # close(): SIGTERM, SIGKILL after a timeout, reaped,
+                                      #   the temporary directory removed
+
+``start()`` / ``stop()`` / ``close()`` can also be called by hand; ``stop()`` or
+``kill()`` (a crash), then ``start()``, brings the same server back on the same
+port and data. Readiness is always polled against a deadline, never waited for
+with a fixed sleep; a server that exits or does not answer in time fails with
+the end of its log.
+
+- :class:`InfluxServer`: ``influxd`` 1.x, optionally with auth or a small body limit.
+- :class:`VictoriaMetricsServer`: single-node ``victoria-metrics``.
+- :class:`ServerProcess`: what both are made of; a new kind of server subclasses it.
+- :class:`FakeInfluxServer`: an aiohttp server in the test's own event loop answering
+  from a programmed list, for faults a real server cannot be made to produce (429 with
+  ``Retry-After``, a socket that never answers). Same shape, asynchronous:
+  ``async with``, or ``await start()`` / ``await stop()``.
+- :func:`self_signed_certificate`: a certificate for 127.0.0.1 made by ``openssl``.
+
+The binaries come from PATH (Debian packages that ``make servers`` installs);
+:func:`missing_binary` says what to install. The pytest fixtures built on this
+module are in ``conftest.py``. The benchmarks use it too (``benchmarks/_common.py``),
+which is why it does not import pytest.
 """
 
 from __future__ import annotations
@@ -16,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.client
 import json
 import shutil
 import signal
@@ -27,12 +45,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from types import TracebackType
+from typing import Any, ClassVar, Final, Literal, TypeVar
 
-import pytest
 from aiohttp import web
 
 __all__ = [
@@ -40,35 +59,58 @@ __all__ = [
     "FakeInfluxServer",
     "FakeResponse",
     "InfluxServer",
+    "MissingBinaryError",
     "RecordedRequest",
     "ServerError",
+    "ServerProcess",
     "TlsFiles",
     "VictoriaMetricsServer",
-    "fake_influx",
     "free_port",
-    "influxd",
-    "influxd_auth",
-    "influxd_factory",
-    "influxd_small_body",
-    "tls_cert",
-    "victoria_metrics",
-    "wait_until",
-    "wait_until_async",
+    "missing_binary",
+    "self_signed_certificate",
 ]
 
-STARTUP_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
-_START_ATTEMPTS = 3
+STARTUP_TIMEOUT: Final = 30.0
+STOP_TIMEOUT: Final = 10.0
+POLL_INTERVAL: Final = 0.02
+_START_ATTEMPTS: Final = 3
 
-ADMIN_USER = "admin"
-ADMIN_PASSWORD = "adm1n-s3cret-pw"
-READER_USER = "reader"
-READER_PASSWORD = "r3ader-s3cret-pw"
-AUTH_DB = "lunamon_auth"
+ADMIN_USER: Final = "admin"
+ADMIN_PASSWORD: Final = "adm1n-s3cret-pw"
+READER_USER: Final = "reader"
+READER_PASSWORD: Final = "r3ader-s3cret-pw"
+AUTH_DB: Final = "lunamon_auth"
+
+# The Debian package of each binary the tests and benchmarks run (`make servers`).
+_PACKAGES: Final = {
+    "influxd": "influxdb",
+    "victoria-metrics": "victoria-metrics",
+    "vmagent": "victoria-metrics",
+    "openssl": "openssl",
+    "wrk": "wrk",
+}
+
+
+_S = TypeVar("_S", bound="ServerProcess")
 
 
 class ServerError(RuntimeError):
     """A server did not start, or answered a helper request with an error."""
+
+
+class MissingBinaryError(ServerError):
+    """The server's binary is not on PATH."""
+
+
+def missing_binary(binary: str) -> str | None:
+    """Why ``binary`` cannot run (it is not on PATH, and what installs it), or None.
+
+    The fixtures and tests turn this into a failure, never into a skip.
+    """
+    if shutil.which(binary) is not None:
+        return None
+    package = _PACKAGES.get(binary, binary)
+    return f"{binary} is not installed: `make servers` installs it (or: apt-get install {package})"
 
 
 def free_port() -> int:
@@ -77,37 +119,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
-
-
-async def wait_until_async(
-    predicate: Callable[[], Awaitable[Any]],
-    timeout: float = 10.0,
-    interval: float = 0.02,
-    what: str = "",
-) -> Any:
-    """:func:`wait_until` for an async predicate, without blocking the event loop."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(interval)
 
 
 # No proxy from the environment: every server here is on 127.0.0.1.
@@ -132,30 +143,182 @@ def _http(
             return int(err.code), bytes(err.read())
 
 
-# --------------------------------------------------------------------------- processes
+# --------------------------------------------------------------------------- the launcher
 
 
-class _Process:
-    """A server binary with its log file, started and stopped by the rules above."""
+class ServerProcess:
+    """One server binary on 127.0.0.1, with its ports, data directory, log and process.
 
-    def __init__(self, argv: list[str], log_path: Path) -> None:
-        self.argv = argv
-        self.log_path = log_path
+    A subclass names its ``binary`` and says how to run it (``_argv``), what to
+    prepare before each start (``_prepare``: a configuration file), when it is
+    ready (``_ready``, polled) and what to do once after the first start
+    (``_after_first_start``: create users). ``root`` is the data directory; without
+    one, a temporary directory is made, and removed by ``close()`` (or at exit).
+    """
+
+    binary: ClassVar[str]
+
+    def __init__(self, root: Path | None = None) -> None:
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix=f"lunamon-{self.binary}-"))
+            self._remove_root: weakref.finalize[Any, Any] | None = weakref.finalize(
+                self, shutil.rmtree, root, ignore_errors=True
+            )
+        else:
+            self._remove_root = None
+        self.root = root
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.log_path = root / f"{self.binary}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
+        self._choose_ports()
 
-    def spawn(self) -> None:
+    # ----- what a subclass says
+
+    def _choose_ports(self) -> None:
+        """Pick free ports (again, when another process took them meanwhile)."""
+        self.port = free_port()
+
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """Before every start, e.g. write the configuration file."""
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _after_first_start(self) -> None:
+        """Once, after the first successful start."""
+
+    # ----- the shape every server shares
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self.url!r})"
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Start the server and return once it answers; nothing if it already runs.
+
+        The first start tries fresh ports when another process took them
+        meanwhile; a start after ``stop()`` or ``kill()`` comes back on the same
+        ports and data. Raises :class:`MissingBinaryError` when the binary is not
+        on PATH, :class:`ServerError` when it exits or does not answer in time.
+        """
+        if self.running:
+            return
+        why = missing_binary(self.binary)
+        if why is not None:
+            raise MissingBinaryError(why)
+        if self._started_once:
+            self._launch(timeout)
+            return
+        for attempt in range(_START_ATTEMPTS):
+            try:
+                self._launch(timeout)
+                break
+            except ServerError:
+                if attempt == _START_ATTEMPTS - 1:
+                    raise
+                self._choose_ports()
+        self._started_once = True
+        self._after_first_start()
+
+    def _launch(self, timeout: float) -> None:
+        self._prepare()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.argv,
+                self._argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                self.proc = None
+                raise ServerError(
+                    f"{self.binary} exited with {code} while starting:\n{self.log_tail()}"
+                )
+            if self._answers():
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"{self.binary} did not answer within {timeout} s:\n{self.log_tail()}"
+                )
+            time.sleep(POLL_INTERVAL)
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def _answers(self) -> bool:
+        try:
+            return self._ready()
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM, then SIGKILL when still running after ``timeout`` seconds; reaped.
+
+        The data directory stays: ``start()`` brings the same server back.
+        """
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; reaped. ``start()`` brings it back on the same port."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def restart(self, *, hard: bool = True) -> None:
+        """Kill (``hard``) or stop the server, then start it again on the same port and data."""
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server and remove the temporary directory made for it (not a given root)."""
+        self.stop()
+        if self._remove_root is not None:
+            self._remove_root()
+
+    def __enter__(self: _S) -> _S:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -164,51 +327,11 @@ class _Process:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def wait_ready(self, ready: Callable[[], bool], timeout: float = STARTUP_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.running:
-                code = self.proc.returncode if self.proc is not None else None
-                raise ServerError(
-                    f"{self.argv[0]} exited with {code} while starting:\n{self.log_tail()}"
-                )
-            try:
-                if ready():
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServerError(f"{self.argv[0]} not ready after {timeout}s:\n{self.log_tail()}")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.proc = None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM, then SIGKILL when it is still running after ``timeout`` seconds."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-
 
 # --------------------------------------------------------------------------- influxd
 
 
-_INFLUXD_CONFIG = """\
+_INFLUXD_CONFIG: Final = """\
 reporting-disabled = true
 bind-address = "127.0.0.1:{rpc_port}"
 [meta]
@@ -233,21 +356,25 @@ bind-address = "127.0.0.1:{rpc_port}"
 """
 
 
-class InfluxServer:
+class InfluxServer(ServerProcess):
     """A private influxd 1.x: ``url``, ``host``, ``port``, query and write helpers.
+
+    With ``auth`` the first start creates an admin (``admin_user`` /
+    ``admin_password``, used by the helpers) and a read-only user
+    (``reader_user`` / ``reader_password``, READ on ``auth_db``). Write bodies
+    beyond ``max_body_size`` bytes get 413.
 
     The helpers block (urllib): call them from async tests only while nothing
     in the test's own event loop has to answer meanwhile (the fake server does).
-
-    ``kill()`` / ``start()`` / ``restart()`` keep the same port and data
-    directory, so a sink pointed at it sees a crash and a recovery.
     """
 
-    def __init__(self, root: Path, *, auth: bool = False, max_body_size: int = 25_000_000) -> None:
-        self.root = root
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self.rpc_port = free_port()
+    binary = "influxd"
+
+    def __init__(
+        self, root: Path | None = None, *, auth: bool = False, max_body_size: int = 25_000_000
+    ) -> None:
+        self.rpc_port = 0  # backup/restore; must be free too
+        super().__init__(root)
         self.auth = auth
         self.max_body_size = max_body_size
         self.admin_user = ADMIN_USER if auth else None
@@ -255,21 +382,19 @@ class InfluxServer:
         self.reader_user = READER_USER if auth else None
         self.reader_password = READER_PASSWORD if auth else None
         self.auth_db = AUTH_DB if auth else None
-        self.config_path = root / "influxd.conf"
-        self._process = _Process(
-            ["influxd", "-config", str(self.config_path)], root / "influxd.log"
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process.running
+        self.config_path = self.root / "influxd.conf"
 
     def __repr__(self) -> str:
         return f"InfluxServer(url={self.url!r}, auth={self.auth})"
+
+    def _choose_ports(self) -> None:
+        self.port, self.rpc_port = free_port(), free_port()
+
+    def _argv(self) -> list[str]:
+        return [self.binary, "-config", str(self.config_path)]
+
+    def _prepare(self) -> None:
+        self._write_config()
 
     def _write_config(self) -> None:
         self.config_path.write_text(
@@ -282,30 +407,20 @@ class InfluxServer:
             )
         )
 
+    def _ready(self) -> bool:
+        return self._ping()
+
     def _ping(self) -> bool:
         status, _ = _http("GET", f"{self.url}/ping", timeout=1.0)
         return status == 204
 
-    def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
-        """Start (again) on the same port and data directory; return once ``/ping`` answers."""
-        if self.running:
-            return
-        self._write_config()
-        self._process.spawn()
-        self._process.wait_ready(self._ping, timeout)
-
-    def first_start(self) -> None:
-        """Start on fresh ports, trying new ones if another process took them meanwhile."""
-        for attempt in range(_START_ATTEMPTS):
-            try:
-                self.start()
-                break
-            except ServerError:
-                if attempt == _START_ATTEMPTS - 1:
-                    raise
-                self.port, self.rpc_port = free_port(), free_port()
+    def _after_first_start(self) -> None:
         if self.auth:
             self._create_users()
+
+    def first_start(self) -> None:
+        """The same as :meth:`start` (which now retries fresh ports itself)."""
+        self.start()
 
     def _create_users(self) -> None:
         # With auth on and no user yet, influxd accepts exactly this statement unauthenticated.
@@ -316,22 +431,6 @@ class InfluxServer:
         self.query(f'CREATE DATABASE "{AUTH_DB}"')
         self.query(f"CREATE USER {READER_USER} WITH PASSWORD '{READER_PASSWORD}'")
         self.query(f'GRANT READ ON "{AUTH_DB}" TO {READER_USER}')
-
-    def kill(self) -> None:
-        """SIGKILL the server (a crash); ``start()`` brings it back on the same port and data."""
-        self._process.kill()
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        self._process.stop(timeout)
-
-    def restart(self, *, hard: bool = True) -> None:
-        """Kill (``hard``) or stop the server, then start it again on the same port and data."""
-        if hard:
-            self.kill()
-        else:
-            self.stop()
-        self.start()
 
     def _auth_header(self, auth: tuple[str, str] | None) -> dict[str, str]:
         if auth is None:
@@ -351,6 +450,7 @@ class InfluxServer:
         *,
         epoch: str = "ns",
         auth: tuple[str, str] | Literal["admin"] | None = "admin",
+        timeout: float = 30.0,
     ) -> Any:
         """Run InfluxQL ``q`` (as admin on the auth server); the parsed JSON answer.
 
@@ -362,7 +462,9 @@ class InfluxServer:
             params["db"] = db
         body = urllib.parse.urlencode(params).encode()
         headers = {"Content-Type": "application/x-www-form-urlencoded", **self._auth_header(creds)}
-        status, raw = _http("POST", f"{self.url}/query", data=body, headers=headers)
+        status, raw = _http(
+            "POST", f"{self.url}/query", data=body, headers=headers, timeout=timeout
+        )
         if status != 200:
             raise ServerError(f"query {q!r} answered {status}: {raw[:500]!r}")
         result = json.loads(raw)
@@ -383,6 +485,11 @@ class InfluxServer:
     def column(self, q: str, db: str, name: str = "name") -> list[Any]:
         """One column of a SHOW/SELECT answer (e.g. the names from ``SHOW MEASUREMENTS``)."""
         return [row[name] for row in self.rows(q, db)]
+
+    def count(self, db: str, measurement: str = "request", field: str = "execution_time") -> int:
+        """How many points of ``measurement`` (with ``field``) the database holds."""
+        rows = self.rows(f'SELECT count("{field}") FROM "{measurement}"', db)
+        return int(rows[0]["count"]) if rows else 0
 
     def field_types(self, measurement: str, db: str) -> dict[str, str]:
         """``SHOW FIELD KEYS``: field key -> stored type (float, integer, string, boolean)."""
@@ -432,90 +539,26 @@ class InfluxServer:
         self.query(f'DROP DATABASE "{db}"')
 
     def databases(self) -> list[str]:
-        return [values[0] for values in _values(self.query("SHOW DATABASES"))]
-
-
-def _values(result: Any) -> list[list[Any]]:
-    out: list[list[Any]] = []
-    for statement in result.get("results", []):
-        for series in statement.get("series", []):
-            out.extend(series.get("values", []))
-    return out
-
-
-@contextlib.contextmanager
-def _influxd_instance(
-    *, auth: bool = False, max_body_size: int = 25_000_000
-) -> Iterator[InfluxServer]:
-    root = Path(tempfile.mkdtemp(prefix="lunamon-influxd-"))
-    server = InfluxServer(root, auth=auth, max_body_size=max_body_size)
-    try:
-        server.first_start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _require(binary: str) -> None:
-    if shutil.which(binary) is None:
-        pytest.fail(f"{binary} is not installed (see SERVERS.md: apt-get install influxdb ...)")
-
-
-@pytest.fixture(scope="session")
-def influxd() -> Iterator[InfluxServer]:
-    """A plain influxd 1.x (no auth), shared by the whole session: use your own database."""
-    _require("influxd")
-    with _influxd_instance() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def influxd_auth() -> Iterator[InfluxServer]:
-    """influxd with ``auth-enabled``: an admin (``admin_user``/``admin_password``) and a
-    read-only user (``reader_user``/``reader_password``, READ on ``auth_db``)."""
-    _require("influxd")
-    with _influxd_instance(auth=True) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def influxd_small_body() -> Iterator[InfluxServer]:
-    """influxd with ``max-body-size = 2000``: bigger write bodies get 413."""
-    _require("influxd")
-    with _influxd_instance(max_body_size=2000) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def influxd_factory() -> Iterator[Callable[..., InfluxServer]]:
-    """Start extra private influxd instances (``factory(auth=..., max_body_size=...)``),
-    for tests that kill or restart theirs; all are stopped at the end of the session."""
-    _require("influxd")
-    stack = contextlib.ExitStack()
-
-    def factory(*, auth: bool = False, max_body_size: int = 25_000_000) -> InfluxServer:
-        return stack.enter_context(_influxd_instance(auth=auth, max_body_size=max_body_size))
-
-    with stack:
-        yield factory
+        result = self.query("SHOW DATABASES")
+        return [
+            values[0]
+            for statement in result.get("results", [])
+            for series in statement.get("series", [])
+            for values in series.get("values", [])
+        ]
 
 
 # --------------------------------------------------------------------------- victoria-metrics
 
 
-class VictoriaMetricsServer:
+class VictoriaMetricsServer(ServerProcess):
     """A private single-node victoria-metrics: ``url``, ``host``, ``port``, ``export()``."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self._process = _Process(self._argv(), root / "victoria-metrics.log")
+    binary = "victoria-metrics"
 
     def _argv(self) -> list[str]:
         return [
-            "victoria-metrics",
+            self.binary,
             f"-httpListenAddr=127.0.0.1:{self.port}",
             f"-storageDataPath={self.root / 'data'}",
             "-retentionPeriod=100y",
@@ -523,32 +566,9 @@ class VictoriaMetricsServer:
             "-search.disableCache",
         ]
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __repr__(self) -> str:
-        return f"VictoriaMetricsServer(url={self.url!r})"
-
     def _ready(self) -> bool:
         status, body = _http("GET", f"{self.url}/health", timeout=1.0)
         return status == 200 and body.strip() == b"OK"
-
-    def first_start(self) -> None:
-        for attempt in range(_START_ATTEMPTS):
-            try:
-                self._process.spawn()
-                self._process.wait_ready(self._ready)
-                return
-            except ServerError:
-                self._process.stop()
-                if attempt == _START_ATTEMPTS - 1:
-                    raise
-                self.port = free_port()
-                self._process.argv = self._argv()
-
-    def stop(self) -> None:
-        self._process.stop()
 
     def force_flush(self) -> None:
         status, body = _http("POST", f"{self.url}/internal/force_flush")
@@ -581,20 +601,6 @@ class VictoriaMetricsServer:
         return [json.loads(line) for line in raw.splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="session")
-def victoria_metrics() -> Iterator[VictoriaMetricsServer]:
-    """A private victoria-metrics, shared by the session: use distinct series or labels."""
-    _require("victoria-metrics")
-    root = Path(tempfile.mkdtemp(prefix="lunamon-vm-"))
-    server = VictoriaMetricsServer(root)
-    try:
-        server.first_start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- TLS
 
 
@@ -611,28 +617,27 @@ class TlsFiles:
         return context
 
 
-@pytest.fixture(scope="session")
-def tls_cert() -> Iterator[TlsFiles]:
-    """A self-signed certificate made with the ``openssl`` command, for the session."""
-    # `make test` installs Debian's openssl: its absence is a broken setup, not a skip.
-    assert shutil.which("openssl"), "the openssl command is not installed (apt-get install openssl)"
-    root = Path(tempfile.mkdtemp(prefix="lunamon-tls-"))
-    cert, key = root / "cert.pem", root / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-nodes", "-days", "2",
-            "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    try:
+@contextlib.contextmanager
+def self_signed_certificate() -> Iterator[TlsFiles]:
+    """``with self_signed_certificate() as tls:`` a fresh certificate made with ``openssl``,
+    in a temporary directory removed afterwards."""
+    why = missing_binary("openssl")
+    if why is not None:
+        raise MissingBinaryError(why)
+    with tempfile.TemporaryDirectory(prefix="lunamon-tls-") as tmp:
+        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-nodes", "-days", "2",
+                "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-subj", "/CN=127.0.0.1",
+                "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                "-keyout", str(key), "-out", str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
         yield TlsFiles(str(cert), str(key))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- fake server
@@ -668,7 +673,7 @@ class FakeInfluxServer:
     Each request takes the next answer: a :class:`FakeResponse` or :data:`HANG`
     (accept the request, never answer). When the list runs out, ``default``
     answers. ``requests`` records what arrived. With ``ssl_context`` it serves
-    HTTPS. Use as ``async with``.
+    HTTPS. Use as ``async with``, or ``await start()`` / ``await stop()``.
     """
 
     def __init__(
@@ -728,7 +733,7 @@ class FakeInfluxServer:
         self.port = int(self._runner.addresses[0][1])
         return self
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         if self._release is not None:
             self._release.set()
         if self._runner is not None:
@@ -739,11 +744,4 @@ class FakeInfluxServer:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-
-@pytest.fixture
-async def fake_influx() -> AsyncIterator[FakeInfluxServer]:
-    """A started :class:`FakeInfluxServer` answering 204 until programmed otherwise."""
-    async with FakeInfluxServer() as server:
-        yield server
+        await self.stop()

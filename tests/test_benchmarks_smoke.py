@@ -3,16 +3,18 @@
 Each script runs as ``make bench`` runs it, in its own interpreter with
 ``--quick``. The benchmark-only peers (the ``bench`` extra) may be absent: their
 rows then say "skipped", which one test forces by hiding them from the script.
+The tools a script runs (``wrk``, ``influxd``) may not: a missing one fails the
+test with what to install (``make servers``), never skips it.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from servers import missing_binary
 
 pytestmark = pytest.mark.bench_smoke
 
@@ -43,8 +45,18 @@ def run(argv: list[str]) -> str:
     return done.stdout
 
 
-def run_script(script: str, *args: str) -> str:
-    return run(["-m", f"benchmarks.{script}", "--quick", *args])
+# The programs a script runs besides Python.
+TOOLS = {"bench_service": ("wrk",), "bench_write": ("influxd",)}
+
+
+def run_script(script: str, *args: str, hide_peers: bool = False) -> str:
+    """``python -m benchmarks.<script> --quick``; fails at once when a tool it runs is missing."""
+    for tool in TOOLS.get(script, ()):
+        why = missing_binary(tool)
+        if why is not None:
+            pytest.fail(f"benchmarks.{script} runs {tool}: {why}", pytrace=False)
+    runner = ["-c", HIDE_PEERS] if hide_peers else ["-m"]
+    return run([*runner, f"benchmarks.{script}", "--quick", *args])
 
 
 def table(output: str) -> dict[str, list[str]]:
@@ -66,11 +78,6 @@ def figure(cells: list[str]) -> float:
     return float(cells[0].split()[0].replace(",", ""))
 
 
-needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
-needs_influxd = pytest.mark.skipif(shutil.which("influxd") is None, reason="influxd not installed")
-
-
-@needs_wrk
 def test_service() -> None:
     rows = table(run_script("bench_service"))
     assert figure(row(rows, "bare aiohttp")) > 0
@@ -95,7 +102,6 @@ def test_encode() -> None:
     assert figure(row(rows, "**lunamon** `Point.to_line_protocol()`")) > 0
 
 
-@needs_influxd
 def test_write() -> None:
     rows = table(run_script("bench_write"))
     assert figure(row(rows, "raw aiohttp POST")) > 0
@@ -117,20 +123,17 @@ def test_profile_hotpath() -> None:
     assert figure(row(rows, "`RequestRecorder.run()` whole")) > 0
 
 
-@pytest.mark.parametrize(
-    "script", ["bench_timed", "bench_encode", pytest.param("bench_write", marks=needs_influxd)]
-)
+@pytest.mark.parametrize("script", ["bench_timed", "bench_encode", "bench_write"])
 def test_missing_peers_are_skipped(script: str) -> None:
-    output = run(["-c", HIDE_PEERS, f"benchmarks.{script}", "--quick"])
+    output = run_script(script, hide_peers=True)
     rows = table(output)
     assert any("skipped" in " ".join(cells) for cells in rows.values()), output
     assert any(label.startswith("**lunamon**") for label in rows)
 
 
-@needs_wrk
 def test_service_without_peers() -> None:
     variants = "bare,prometheus,opentelemetry,lunamon_middleware"
-    output = run(["-c", HIDE_PEERS, "benchmarks.bench_service", "--quick", "--variants", variants])
+    output = run_script("bench_service", "--variants", variants, hide_peers=True)
     rows = table(output)
     assert row(rows, "prometheus_client")[0].startswith("skipped")
     assert row(rows, "OpenTelemetry")[0].startswith("skipped")
