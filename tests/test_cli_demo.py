@@ -17,7 +17,8 @@ from servers import InfluxServer
 
 from lunamon.cli import main
 from lunamon.demo.service import SUBSTEPS
-from lunamon.point import Point, parse_line_protocol
+from lunamon.lineprotocol import parse_line_protocol
+from lunamon.point import Point
 
 FAST = ["--latency", "0.001", "--no-progress", "--seed", "7"]
 STATS_LINE = re.compile(r"^\s+(\S+): ([\d,]+) = ([\d,]+) \+ ([\d,]+) \+ ([\d,]+)  ok", re.M)
@@ -198,3 +199,29 @@ def test_python_m_lunamon(tmp_path: Path) -> None:
     assert "file: " in done.stdout
     assert (tmp_path / "lunamon-demo.lp").stat().st_size > 0
     assert done.stderr == ""
+
+
+_LAYERING = """
+import importlib, pkgutil, sys
+import lunamon, lunamon.sinks
+
+apart = ("lunamon.cli", "lunamon.demo", "lunamon.__main__")
+for package in (lunamon, lunamon.sinks):
+    for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        if module.name not in apart:
+            importlib.import_module(module.name)
+library = sorted(m for m in sys.modules if m.startswith(apart))
+import lunamon.demo.run
+demo = sorted(m for m in sys.modules if m.startswith("lunamon.cli"))
+print(library, demo)
+"""
+
+
+def test_the_library_imports_neither_the_command_line_nor_the_demo() -> None:
+    """Layering (DESIGN.md section 5): lunamon/*.py and lunamon/sinks/* stand alone, and the
+    demo service and its run never need the command line."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LAYERING], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[] []"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -16,10 +17,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from servers import InfluxServer
+from servers import FakeInfluxServer, FakeResponse, InfluxServer, free_port
 
 from lunamon.cli import main
-from lunamon.demo.report import build_report, percentile
+from lunamon.cli.report import build_report, percentile
 from lunamon.point import Point, encode_lines
 
 ROUTES = {
@@ -301,6 +302,32 @@ def test_report_from_influxdb_equals_report_from_file(
     assert _same(from_influx, from_file)
 
 
+def test_report_from_an_unreachable_influxdb(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}/db"
+    assert main(["report", "--influx", url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"lunamon report: error: cannot reach InfluxDB at {url[:-3]}: ")
+
+
+async def test_report_refused_by_influxdb_tells_why_without_the_password(
+    fake_influx: FakeInfluxServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server's reason and explanation, as the sinks tell theirs; no credential."""
+    fake_influx.program(FakeResponse(401, '{"error":"authorization failed"}'))
+    url = fake_influx.url.replace("://", "://reader:s3cret-pass@") + "/db"
+    # main() runs its own event loop: off this one.
+    assert await asyncio.to_thread(main, ["report", "--influx", url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "HTTP 401 unauthorized" in err
+    assert "authorization failed" in err
+    assert "s3cret-pass" not in err
+    (request,) = fake_influx.requests
+    assert request.path == "/query"
+    assert request.headers["Authorization"].startswith("Basic ")
+
+
 def _same(a: object, b: object) -> bool:
     """Equal, floats to 1e-12 relative (InfluxDB's JSON round-trips float64 exactly)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -401,7 +428,7 @@ def test_html_report_renders_in_headless_chromium(
 
 
 def test_build_report_rejects_nothing_to_report() -> None:
-    from lunamon.demo.report import ReportInputError
+    from lunamon.cli.report import ReportInputError
 
     with pytest.raises(ReportInputError, match="no 'request' points"):
         build_report([], source="nothing")

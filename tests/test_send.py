@@ -9,9 +9,10 @@ import pytest
 from servers import FakeInfluxServer, FakeResponse, InfluxServer, free_port
 
 from lunamon.cli import main
-from lunamon.demo.influx import parse_influx_url
-from lunamon.demo.send import send_points
-from lunamon.point import Point, encode_lines, parse_line_protocol
+from lunamon.cli.influxql import parse_influx_url
+from lunamon.cli.send import send_points
+from lunamon.lineprotocol import parse_line_protocol
+from lunamon.point import Point, encode_lines
 
 
 def make_points(count: int) -> list[Point]:

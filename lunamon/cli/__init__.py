@@ -1,5 +1,10 @@
 """The ``lunamon`` command: ``demo``, ``report`` and ``send``.
 
+This module parses the command line and reports; the work is in
+:mod:`lunamon.cli.report`, :mod:`~lunamon.cli.charts`, :mod:`~lunamon.cli.send`,
+:mod:`~lunamon.cli.influxql` and the demo service's run, :mod:`lunamon.demo.run`.
+The library never imports this package.
+
 Exit codes: 0 done; 1 the work failed (points not written, server unreachable,
 a missing extra); 2 bad input or usage (a file that is not valid line
 protocol, a bad URL or option). Every error is one line on stderr, never a
@@ -15,16 +20,20 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from lunamon.demo.influx import InfluxTarget
-    from lunamon.demo.report import Report
+    from lunamon.cli.influxql import InfluxTarget
+    from lunamon.cli.report import Report
     from lunamon.flusher import SinkStats
+    from lunamon.point import Point
     from lunamon.settings import MonitoringSettings
+    from lunamon.sinks.base import Sink
+    from lunamon.sinks.memory import MemorySink
 
 __all__ = ["main"]
 
@@ -32,6 +41,8 @@ _T = TypeVar("_T")
 
 DEFAULT_REQUESTS = 2000
 DEFAULT_OUT = "lunamon-demo.lp"
+# With --config the points cannot be read back from arbitrary sinks: a copy is kept here.
+REPORT_COPY = "report-copy"
 EXTRA_HINT = "pip install 'lunamon[report]'"
 
 
@@ -172,7 +183,7 @@ def _check_delivered(stats: dict[str, SinkStats], what: str) -> None:
 
 
 def _influx_target(url: str, database: str | None = None) -> InfluxTarget:
-    from lunamon.demo.influx import InfluxURLError, parse_influx_url
+    from lunamon.cli.influxql import InfluxURLError, parse_influx_url
 
     try:
         target = parse_influx_url(url, database)
@@ -191,7 +202,7 @@ def _influx_target(url: str, database: str | None = None) -> InfluxTarget:
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     """``asyncio.run``; InfluxDB failures become a one-line error (exit 1)."""
-    from lunamon.demo.influx import InfluxQueryError
+    from lunamon.cli.influxql import InfluxQueryError
 
     try:
         return asyncio.run(coro)
@@ -201,7 +212,7 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
 
 def _write_html(report: Report, path: str, console: Console) -> None:
     _require("plotly", "--html")
-    from lunamon.demo.charts import write_html
+    from lunamon.cli.charts import write_html
 
     try:
         written = write_html(report, path)
@@ -214,7 +225,8 @@ def _write_html(report: Report, path: str, console: Console) -> None:
 
 
 def _load_settings(path: str) -> MonitoringSettings:
-    from lunamon.settings import MonitoringSettings, SettingsError
+    from lunamon.errors import SettingsError
+    from lunamon.settings import MonitoringSettings
 
     try:
         settings = MonitoringSettings.load(path)
@@ -227,11 +239,65 @@ def _load_settings(path: str) -> MonitoringSettings:
     return settings
 
 
+@dataclass
+class _DemoOutput:
+    """Where ``lunamon demo`` writes its points, and where it reads them back from."""
+
+    destination: str  # for people
+    sinks: list[Sink]
+    file: Path | None = None
+    influx: InfluxTarget | None = None
+    copy: MemorySink | None = None  # with --config: every point, for the report
+
+    def read_back(self, started_ns: int) -> tuple[list[Point], str]:
+        """The points of the run that started at ``started_ns``, and their source for the
+        report."""
+        from lunamon.cli.report import ReportInputError, load_file
+
+        if self.influx is not None:
+            from lunamon.cli.influxql import query_points
+            from lunamon.demo.service import SERVICE
+
+            where = f"time >= {started_ns} AND \"service\" = '{SERVICE}'"
+            points = _run(query_points(self.influx, ("request", "error"), where))
+            return points, f"{self.influx}, this run"
+        if self.copy is not None:
+            return self.copy.points, "an in-memory copy"
+        assert self.file is not None
+        try:
+            return load_file(self.file), self.destination
+        except ReportInputError as exc:  # the points read back are not what was written
+            raise CommandError(str(exc), code=1) from None
+
+
+def _demo_output(
+    out: Path | None, influx: InfluxTarget | None, settings: MonitoringSettings | None
+) -> _DemoOutput:
+    """The sinks of the run: into InfluxDB, the sinks of ``settings`` (plus a copy for the
+    report), or the line-protocol file ``out``."""
+    if influx is not None:
+        return _DemoOutput(f"InfluxDB {influx}", [influx.sink()], influx=influx)
+    if settings is not None:
+        from lunamon.errors import SettingsError
+        from lunamon.sinks.memory import MemorySink
+
+        try:
+            sinks = settings.build_sinks()
+        except SettingsError as exc:
+            raise CommandError(f"--config {exc}") from None
+        copy = MemorySink(REPORT_COPY)
+        return _DemoOutput(f"the sinks of {settings.source}", [*sinks, copy], copy=copy)
+    from lunamon.sinks.file import LineProtocolFileSink
+
+    path = out if out is not None else Path(DEFAULT_OUT)
+    return _DemoOutput(str(path), [LineProtocolFileSink(path)], file=path)
+
+
 def _demo(args: argparse.Namespace) -> int:
     _require("rich", "lunamon demo")
     if args.html:
         _require("plotly", "--html")
-    from lunamon.demo.report import ReportInputError, build_report, print_report
+    from lunamon.cli.report import ReportInputError, build_report, print_report
     from lunamon.demo.run import run_demo
 
     requests = args.requests
@@ -245,38 +311,40 @@ def _demo(args: argparse.Namespace) -> int:
             out.write_bytes(b"")  # each run starts a fresh file; fail now when not writable
         except OSError as exc:
             raise CommandError(f"--out {out}: {exc.strerror or exc}") from None
+    output = _demo_output(out, influx, settings)
     console = _console()
 
     bar = _Bar(requests, "requests", not args.no_progress)
 
-    def on_start(url: str, destination: str) -> None:
+    def on_start(url: str) -> None:
         amount = f"{requests:,} requests" if requests is not None else "requests"
         limit = f" for up to {args.duration:g} s" if args.duration is not None else ""
         _say(
             console,
             f"lunamon demo: luna-handlers on {url}; {amount}{limit},"
-            f" concurrency {args.concurrency} -> {destination}",
+            f" concurrency {args.concurrency} -> {output.destination}",
         )
         bar.start()
 
+    if influx is not None:
+        from lunamon.cli.influxql import ping
+
+        _run(ping(influx))  # an unreachable server is told before the service starts
     with bar:
-        try:
-            result = _run(
-                run_demo(
-                    requests=requests,
-                    concurrency=args.concurrency,
-                    duration=args.duration,
-                    latency=args.latency,
-                    out=out,
-                    influx=influx,
-                    settings=settings,
-                    seed=args.seed,
-                    on_start=on_start,
-                    on_request=lambda: bar.advance(1),
-                )
+        result = _run(
+            run_demo(
+                output.sinks,
+                requests=requests,
+                concurrency=args.concurrency,
+                duration=args.duration,
+                latency=args.latency,
+                settings=settings,
+                seed=args.seed,
+                on_start=on_start,
+                on_request=lambda: bar.advance(1),
             )
-        except ReportInputError as exc:  # the points read back are not what was written
-            raise CommandError(str(exc), code=1) from None
+        )
+    points, source = output.read_back(result.started_ns)
 
     traffic = result.traffic
     statuses = ", ".join(f"{code}: {n:,}" for code, n in sorted(traffic.statuses.items()))
@@ -288,7 +356,7 @@ def _demo(args: argparse.Namespace) -> int:
         + (f"; client errors: {dict(traffic.client_errors)}" if traffic.client_errors else ""),
     )
     try:
-        report = build_report(result.points, source=result.report_source)
+        report = build_report(points, source=source)
     except ReportInputError as exc:
         raise CommandError(str(exc), code=1) from None
     _say(console)
@@ -297,12 +365,12 @@ def _demo(args: argparse.Namespace) -> int:
         _say(console, line)
     if args.html:
         _write_html(report, args.html, console)
-    _check_delivered(result.stats, result.destination)
+    _check_delivered(result.stats, output.destination)
     if settings is None:  # a file or InfluxDB: what is there must be what the stats say
         (written,) = (s["written"] for s in result.stats.values())
-        if len(result.points) != written:
+        if len(points) != written:
             raise CommandError(
-                f"{result.destination} holds {len(result.points):,} points of this run,"
+                f"{output.destination} holds {len(points):,} points of this run,"
                 f" but the stats say {written:,} were written",
                 code=1,
             )
@@ -322,7 +390,7 @@ def _report(args: argparse.Namespace) -> int:
     _require("rich", "lunamon report")
     if args.html:
         _require("plotly", "--html")
-    from lunamon.demo.report import ReportInputError, build_report, load_file, print_report
+    from lunamon.cli.report import ReportInputError, build_report, load_file, print_report
 
     if (args.file is None) == (args.influx is None):
         raise CommandError("give either a line-protocol FILE or --influx URL")
@@ -333,7 +401,7 @@ def _report(args: argparse.Namespace) -> int:
             points = load_file(args.file)
             source = args.file
         else:
-            from lunamon.demo.influx import parse_duration, query_points
+            from lunamon.cli.influxql import parse_duration, query_points
 
             target = _influx_target(args.influx, args.database)
             try:
@@ -360,8 +428,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     _require("rich", "lunamon send")
-    from lunamon.demo.report import ReportInputError, load_file
-    from lunamon.demo.send import send_points
+    from lunamon.cli.report import ReportInputError, load_file
+    from lunamon.cli.send import send_points
 
     target = _influx_target(args.influx, args.database)
     try:

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Final
 
-from lunamon.demo.report import Report
+from lunamon.cli.report import Report
 
 __all__ = ["render_html", "write_html"]
 

@@ -1,8 +1,14 @@
 """The CLI's view of an InfluxDB 1.x server: ``http://[user:pass@]host:port/db`` URLs and
-reading points back with InfluxQL (for ``lunamon report --influx`` and the demo)."""
+reading points back with InfluxQL (for ``lunamon report --influx`` and ``lunamon demo``).
+
+Failures are told as the sinks tell theirs (:mod:`lunamon.sinks._http`): the
+server's own explanation, a reason per status, no credential anywhere.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -13,6 +19,13 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 
 from lunamon.point import FieldValue, Point
+from lunamon.sinks._http import (
+    classify_exception,
+    classify_response,
+    error_text,
+    read_error_body,
+    truncate,
+)
 from lunamon.sinks.influxdb import InfluxDBSink
 
 __all__ = [
@@ -29,6 +42,8 @@ DEFAULT_PORT: Final = 8086
 # InfluxQL duration literals: 90m, 1h, 7d, 2w ...
 _DURATION: Final = re.compile(r"([0-9]+)(ns|us|u|µ|ms|s|m|h|d|w)")
 _CHUNK_SIZE: Final = 5000
+# How much of the server's explanation a one-line CLI error keeps.
+_SERVER_TEXT: Final = 300
 
 
 class InfluxURLError(ValueError):
@@ -71,10 +86,12 @@ class InfluxTarget:
             **options,
         )
 
-    def _auth(self) -> aiohttp.BasicAuth | None:
+    def _headers(self) -> dict[str, str]:
+        """Basic auth in a header, as the sink sends it (aiohttp's ``BasicAuth`` is deprecated)."""
         if not self.username:
-            return None
-        return aiohttp.BasicAuth(self.username, self.password or "")
+            return {}
+        token = base64.b64encode(f"{self.username}:{self.password or ''}".encode()).decode("ascii")
+        return {"Authorization": f"Basic {token}"}
 
 
 def parse_influx_url(url: str, database: str | None = None) -> InfluxTarget:
@@ -133,8 +150,8 @@ async def ping(target: InfluxTarget, timeout: float = 5.0) -> None:
                 raise InfluxQueryError(
                     f"{target.url} answered /ping with HTTP {response.status}: not an InfluxDB 1.x?"
                 )
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise InfluxQueryError(f"cannot reach InfluxDB at {target.url}: {_reason(exc)}") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise _unreachable(target, exc, "ping") from None
 
 
 async def query_points(
@@ -153,7 +170,9 @@ async def query_points(
     points: list[Point] = []
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     try:
-        async with aiohttp.ClientSession(timeout=client_timeout, auth=target._auth()) as session:
+        async with aiohttp.ClientSession(
+            timeout=client_timeout, headers=target._headers()
+        ) as session:
             for name in series:
                 measurement = _quote_identifier(name)
                 tag_keys = {
@@ -163,10 +182,16 @@ async def query_points(
                 query = f"SELECT * FROM {measurement} WHERE {where}"
                 async for row, columns in _rows_with_columns(session, target, query):
                     points.append(_point(name, columns, row, tag_keys))
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise InfluxQueryError(f"cannot reach InfluxDB at {target.url}: {_reason(exc)}") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise _unreachable(target, exc, "query") from None
     points.sort(key=lambda p: p.time_ns)
     return points
+
+
+def _unreachable(target: InfluxTarget, exc: BaseException, what: str) -> InfluxQueryError:
+    """A transport failure (refused, DNS, reset, timeout, TLS), said as the sinks say it."""
+    error = classify_exception(exc, what=what, secrets=(target.password,))
+    return InfluxQueryError(f"cannot reach InfluxDB at {target.url}: {error}")
 
 
 def _quote_identifier(name: str) -> str:
@@ -209,13 +234,17 @@ async def _rows_with_columns(
         "chunked": "true",
         "chunk_size": str(_CHUNK_SIZE),
     }
-    async with session.get(f"{target.url}/query", params=params) as response:
+    # No redirect is followed (as the sinks): one could send the credentials elsewhere.
+    async with session.get(f"{target.url}/query", params=params, allow_redirects=False) as response:
         if response.status != 200:
-            body = (await response.text(errors="replace")).strip()
-            raise InfluxQueryError(
-                f"{target.url} answered HTTP {response.status} to {query!r}: "
-                f"{_error_text(body)[:300]}"
+            text = error_text(await read_error_body(response), response.headers)
+            error = classify_response(
+                response.status,
+                truncate(text, _SERVER_TEXT),
+                what=f"query {query!r}",
+                secrets=(target.password,),
             )
+            raise InfluxQueryError(f"InfluxDB at {target.url}: {error}")
         async for answer in _json_lines(response):
             if "error" in answer:
                 raise InfluxQueryError(f"InfluxDB: {answer['error']}")
@@ -255,20 +284,3 @@ def _json(line: bytes, response: aiohttp.ClientResponse) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise InfluxQueryError(f"{response.url.origin()} sent an unexpected reply")
     return answer
-
-
-def _error_text(body: str) -> str:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return str(data["error"])
-    return body
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

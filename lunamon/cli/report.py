@@ -1,7 +1,7 @@
 """``lunamon report``: latency, sub-step and error tables from ``request``/``error`` points.
 
 Points come from a line-protocol file (:func:`load_file`) or from InfluxDB
-(:func:`lunamon.demo.influx.query_points`); :func:`build_report` checks them
+(:func:`lunamon.cli.influxql.query_points`); :func:`build_report` checks them
 against the data rules of DESIGN.md §1 and summarises them per route.
 Percentiles interpolate linearly between the two closest ranks (numpy's
 default, ``statistics.quantiles(..., method="inclusive")``).
@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from lunamon.point import FieldValue, LineProtocolError, Point, parse_line_protocol
+from lunamon.lineprotocol import LineProtocolError, parse_line_protocol
+from lunamon.point import FieldValue, Point
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -12,10 +12,11 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from lunamon.demo.influx import InfluxTarget, ping
-from lunamon.flusher import FlushPolicy, SinkStats
+from lunamon.cli.influxql import InfluxTarget, ping
+from lunamon.flusher import SinkStats
 from lunamon.monitoring import Monitoring
 from lunamon.point import Point
+from lunamon.settings import MonitoringSettings
 
 __all__ = ["send_points"]
 
@@ -34,13 +35,14 @@ async def send_points(
     :meth:`Monitoring.stats`) once every point is written or dropped
     (``on_progress`` gets the number done so far)."""
     await ping(target)
-    policy = FlushPolicy(
+    settings = MonitoringSettings(
+        service="lunamon-send",
         batch_size=batch_size,
         buffer_size=max(len(points), batch_size),
         max_retries=max_retries,
         shutdown_timeout=30.0,
     )
-    monitoring = Monitoring("lunamon-send", [target.sink()], policy)
+    monitoring = Monitoring(settings, [target.sink()])
     await monitoring.start()
     try:
         for point in points:

@@ -1,1 +1,1 @@
-"""The demo: a luna-handlers-like service, traffic for it, and its report."""
+"""The demo: a luna-handlers-like service, generated traffic for it, and the run of both."""

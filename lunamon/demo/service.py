@@ -29,7 +29,10 @@ from aiohttp import web
 import lunamon
 from lunamon.sinks.base import Sink
 
-__all__ = ["SUBSTEPS", "LunaError", "create_app"]
+__all__ = ["SERVICE", "SUBSTEPS", "LunaError", "create_app"]
+
+# The service tag of every point of the demo.
+SERVICE = "luna-handlers"
 
 # The sub-step fields of each resource, as in the LUNA monitoring specification.
 SUBSTEPS: dict[str, tuple[str, ...]] = {
@@ -262,5 +265,5 @@ def create_app(
     app.router.add_post("/verifiers/{verifierId}/verifications", verifier_verifications)
     app.router.add_get("/healthcheck", healthcheck)
     setup_options.setdefault("exclude", ["GET:/healthcheck"])
-    lunamon.setup(app, service="luna-handlers", sinks=sinks, **setup_options)
+    lunamon.setup(app, service=SERVICE, sinks=sinks, **setup_options)
     return app
