@@ -1,4 +1,10 @@
-"""What the benchmark scripts share: arguments, statistics, tables and the seed's point."""
+"""What the benchmark scripts share: arguments, statistics, tables, the seed's point, and
+the private servers.
+
+The servers are the tests' own launchers (``tests/servers.py``): the benchmarks start
+influxd with the same :class:`InfluxServer` (``with InfluxServer() as server:``) and
+pick ports with the same :func:`free_port`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,6 @@ import argparse
 import importlib.util
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,7 +23,8 @@ from typing import Final
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from lunamon import Monitoring, RequestRecorder, current_request
+from lunamon import Monitoring, current_request
+from lunamon._recorder import RequestRecorder
 from lunamon.demo.service import SUBSTEPS
 from lunamon.point import FieldValue
 
@@ -32,6 +38,7 @@ __all__ = [
     "Record",
     "RequestDriver",
     "Summary",
+    "InfluxServer",
     "base_parser",
     "fmt_float",
     "fmt_int",
@@ -39,6 +46,7 @@ __all__ = [
     "free_port",
     "hand_written_lines",
     "have",
+    "influxd_available",
     "markdown_table",
     "paired_ratio",
     "python_module",
@@ -48,6 +56,11 @@ __all__ = [
 
 REPO: Final = Path(__file__).resolve().parent.parent
 PYTHON: Final = sys.executable
+
+# tests/ is not a package: its modules import each other as top-level modules.
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
+from servers import InfluxServer, free_port, missing_binary  # noqa: E402
 
 SERVICE: Final = "luna-handlers"
 SEED_PATH_TEMPLATE: Final = "/handlers/{handlerId}/events"
@@ -75,12 +88,9 @@ def have(module: str) -> bool:
         return False
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def influxd_available() -> bool:
+    """Whether influxd is on PATH (a script needing it prints "skipped" without it)."""
+    return missing_binary(InfluxServer.binary) is None
 
 
 def python_module(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -186,7 +196,7 @@ class RequestDriver:
     """
 
     def __init__(self, monitoring: Monitoring, *, steps: bool = True, handlers: int = 16) -> None:
-        self.recorder = RequestRecorder(monitoring)
+        self.recorder = RequestRecorder(monitoring, monitoring.settings)
         self._handler_ids = [_uuid4(random.Random(i)) for i in range(handlers)]
         self._steps = SEED_STEPS if steps else ()
         self._requests: list[web.Request] = []

@@ -287,9 +287,8 @@ def _lunamon(
 ) -> tuple[web.Application, Stats]:
     sink = EncodingSink()
     app = _application()
-    policy = lunamon.FlushPolicy(batch_size=batch_size)
     monitoring = lunamon.setup(
-        app, service=SERVICE, sinks=[sink], middleware=middleware, policy=policy
+        app, service=SERVICE, sinks=[sink], middleware=middleware, batch_size=batch_size
     )
     trace = CostTrace() if trace_costs else None
     handler: Handler = hello if trace is None else trace.inner(hello)
@@ -357,11 +356,13 @@ ABLATIONS: Final = ("request_id", "record", "emit", "context")
 def ablate(app: web.Application, piece: str) -> None:
     """Profiling only: make one piece of lunamon's request path a no-op in this process,
     so that the difference in lunamon's own time per request is that piece's cost."""
-    import lunamon.aiohttp as integration
+    import lunamon._recorder as integration
 
     if piece == "request_id":
-        fixed = integration.new_request_id()
-        integration.new_request_id = lambda seconds=None: fixed
+        from lunamon._ids import new_request_id
+
+        fixed = new_request_id()
+        setattr(integration, "new_request_id", lambda seconds=None: fixed)  # noqa: B010
     elif piece == "record":
         integration.RequestRecorder._record = lambda *args: None  # type: ignore[method-assign]
     elif piece == "emit":

@@ -25,17 +25,18 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import lunamon
+from benchmarks._common import InfluxServer as Influxd
 from benchmarks._common import (
     RequestDriver,
     base_parser,
     fmt_float,
     fmt_int,
     have,
+    influxd_available,
     markdown_table,
     python_module,
     verdict,
 )
-from benchmarks._influxd import Influxd, influxd_available
 
 __all__ = ["main"]
 
@@ -123,7 +124,7 @@ class EncodeAsyncSink(EncodeSink):
 
 
 async def _child_rss(points: int, steps: bool) -> dict[str, Any]:
-    policy = lunamon.FlushPolicy(
+    settings = lunamon.MonitoringSettings(
         buffer_size=points,
         batch_size=min(5000, points),
         shutdown_timeout=0.1,
@@ -131,7 +132,7 @@ async def _child_rss(points: int, steps: bool) -> dict[str, Any]:
         retry_max_delay=0.2,
         max_retries=1_000_000,
     )
-    monitoring = lunamon.Monitoring("luna-handlers", [DeadSink()], policy)
+    monitoring = lunamon.Monitoring(settings, [DeadSink()])
     await monitoring.start()
     request = await RequestDriver(monitoring, steps=steps).start()
     for _ in range(200):  # warm-up: caches, the recorder's routes and tag sets (0.2 %)
@@ -235,7 +236,7 @@ async def _child_lag(
         sink = InfluxDBSink(host=host, port=int(port), database=f"bench_lag_{os.getpid()}")
     else:
         raise ValueError(sink_kind)
-    monitoring = lunamon.Monitoring("luna-handlers", [sink], lunamon.FlushPolicy(batch_size=5000))
+    monitoring = lunamon.Monitoring(lunamon.MonitoringSettings(batch_size=5000), [sink])
     await monitoring.start()
     if freeze:  # what a service can do once started: old objects leave the GC's scans
         gc.collect()

@@ -20,6 +20,7 @@ from typing import Any, Final
 import aiohttp
 
 import lunamon
+from benchmarks._common import InfluxServer as Influxd
 from benchmarks._common import (
     Record,
     Summary,
@@ -28,12 +29,12 @@ from benchmarks._common import (
     fmt_ratio,
     hand_written_lines,
     have,
+    influxd_available,
     markdown_table,
     paired_ratio,
     seed_records,
     verdict,
 )
-from benchmarks._influxd import Influxd, influxd_available
 
 __all__ = ["main"]
 
@@ -110,8 +111,10 @@ async def lunamon_sink(inputs: Inputs, db: str) -> float:
 
     host, port = inputs.url.rsplit("//", 1)[1].split(":")
     sink = InfluxDBSink(host=host, port=int(port), database=db)
-    policy = lunamon.FlushPolicy(batch_size=inputs.batch, buffer_size=len(inputs.points))
-    monitoring = lunamon.Monitoring("bench", [sink], policy)
+    settings = lunamon.MonitoringSettings(
+        service="bench", batch_size=inputs.batch, buffer_size=len(inputs.points)
+    )
+    monitoring = lunamon.Monitoring(settings, [sink])
     await monitoring.start()
     try:
         start = time.perf_counter()

@@ -48,9 +48,12 @@ from benchmarks._common import (
 )
 from benchmarks._server import EncodingSink, hello
 from benchmarks.bench_service import Server, run_wrk
-from lunamon.aiohttp import RECORDER_KEY, RequestRecorder, new_request_id
+from lunamon._ids import new_request_id
+from lunamon._recorder import RequestRecorder
+from lunamon._validation import sanitize_tag_value
+from lunamon.aiohttp import RECORDER_KEY
 from lunamon.collector import RequestCollector, current
-from lunamon.point import FieldValue, Point, sanitize_tag_value
+from lunamon.point import FieldValue, Point
 
 __all__ = ["main"]
 
@@ -123,13 +126,13 @@ def _app(kind: str) -> tuple[web.Application, lunamon.Monitoring | None]:
         middlewares.append(passthrough)
     app = web.Application(middlewares=middlewares)
     if kind.startswith("lunamon"):
-        policy = lunamon.FlushPolicy(batch_size=5000, buffer_size=100_000)
         monitoring = lunamon.setup(
             app,
             service=SERVICE,
             sinks=[EncodingSink()],
             middleware=kind == "lunamon_middleware",
-            policy=policy,
+            batch_size=5000,
+            buffer_size=100_000,
         )
     handler = lunamon.monitor_request(hello) if kind == "lunamon_decorator" else hello
     app.router.add_post(SEED_PATH_TEMPLATE, handler)
@@ -247,7 +250,7 @@ async def _steps(n: int, repeat: int) -> list[Row]:
         ("`Point.trusted(...)`", lambda: Point.trusted("request", 1, built_tags, built_fields)),
         (
             "`_record()` whole (tags, fields, point, emit, failed check)",
-            lambda: recorder._record(request, route, collector, 1, 0.001, 200, response),
+            lambda: recorder._record(request, route, collector, 1, 0.001, 200, response, False),
         ),
     ]
     rows = []
@@ -275,7 +278,7 @@ async def _steps(n: int, repeat: int) -> list[Row]:
         ]
     )
     sink = lunamon.MemorySink()
-    collecting = lunamon.Monitoring("luna-handlers", [sink], lunamon.FlushPolicy(batch_size=5000))
+    collecting = lunamon.Monitoring(lunamon.MonitoringSettings(batch_size=5000), [sink])
     drive = await RequestDriver(collecting, steps=False).start()
     for _ in range(5000):
         await drive()

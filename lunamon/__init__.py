@@ -1,48 +1,55 @@
-"""lunamon: exact per-request monitoring for aiohttp services, delivered to InfluxDB.
+"""lunamon: exact per-request monitoring for aiohttp services.
 
 ``lunamon.setup(app, service="luna-handlers")`` records every request as a point
 of series ``request`` (and a failed one also in ``error``); ``@timed("x_time")``
-adds sub-step times to the request being served.
+adds sub-step times to the request being served. Points go, in batches, to the
+sinks below: InfluxDB 1.x, the InfluxDB 2.x/3.x write API (VictoriaMetrics
+too), a line-protocol file, a structlog logger, memory, or your own.
 """
 
-from lunamon.aiohttp import MONITORING_KEY, RequestRecorder, monitor_request, new_request_id, setup
+from lunamon.aiohttp import MONITORING_KEY, monitor_request, setup
 from lunamon.collector import RequestCollector, add_field, add_tag, current_request
-from lunamon.flusher import FlushPolicy
+from lunamon.errors import BatchTooLarge, LineProtocolError, SettingsError, SinkError
+from lunamon.lineprotocol import parse_line_protocol
 from lunamon.monitoring import Monitoring
-from lunamon.point import Point, encode_lines, parse_line_protocol
-from lunamon.settings import MonitoringSettings, SettingsError, SinkSettings
-from lunamon.sinks.base import BatchTooLarge, Sink, SinkError
+from lunamon.point import Point, encode_lines
+from lunamon.settings import MonitoringSettings, SinkSettings
+from lunamon.sinks.base import Sink
+from lunamon.sinks.file import LineProtocolFileSink
+from lunamon.sinks.influxdb import InfluxDBSink
+from lunamon.sinks.influxdb_v2 import InfluxDBV2Sink
+from lunamon.sinks.log import LogSink
 from lunamon.sinks.memory import MemorySink
+from lunamon.sinks.plugin import BaseRequestMonitoringPlugin
 from lunamon.timing import measure, timed
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
-    # set up
-    "setup",
-    "monitor_request",
-    "Monitoring",
-    "FlushPolicy",
     "MONITORING_KEY",
+    "BaseRequestMonitoringPlugin",
+    "BatchTooLarge",
+    "InfluxDBSink",
+    "InfluxDBV2Sink",
+    "LineProtocolError",
+    "LineProtocolFileSink",
+    "LogSink",
+    "MemorySink",
+    "Monitoring",
     "MonitoringSettings",
-    "SinkSettings",
-    "SettingsError",
-    # record
-    "timed",
-    "measure",
-    "add_tag",
-    "add_field",
-    "current_request",
-    "RequestCollector",
-    "RequestRecorder",
-    "new_request_id",
-    # points
     "Point",
-    "encode_lines",
-    "parse_line_protocol",
-    # sinks
+    "RequestCollector",
+    "SettingsError",
     "Sink",
     "SinkError",
-    "BatchTooLarge",
-    "MemorySink",
+    "SinkSettings",
+    "add_field",
+    "add_tag",
+    "current_request",
+    "encode_lines",
+    "measure",
+    "monitor_request",
+    "parse_line_protocol",
+    "setup",
+    "timed",
 ]

@@ -11,7 +11,8 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Final
 
-from lunamon.point import FieldValue, validate_field_value, validate_key, validate_tag_value
+from lunamon._validation import validate_field_value, validate_key, validate_tag_value
+from lunamon.point import FieldValue
 
 __all__ = [
     "RequestCollector",

@@ -28,8 +28,9 @@ from typing import Any, Final
 import aiohttp
 
 from lunamon._log import RateLimitedLogger, logger
+from lunamon.errors import BatchTooLarge, SinkError
 from lunamon.point import Point
-from lunamon.sinks.base import BatchTooLarge, Sink, SinkError, sink_name
+from lunamon.sinks.base import Sink, sink_name
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
@@ -54,27 +55,20 @@ _taps: list[list[Point]] = []
 
 @dataclass(frozen=True, slots=True)
 class FlushPolicy:
-    """How points are batched, retried and drained. Defaults follow LUNA and Telegraf."""
+    """How points are batched, retried and drained: the flusher's part of the settings.
 
-    flush_interval: float = 1.0
-    batch_size: int = 5000
-    buffer_size: int = 100_000
-    shutdown_timeout: float = 5.0
-    max_retries: int = 10
-    retry_base_delay: float = 0.5
-    retry_max_delay: float = 30.0
-    write_timeout: float = 60.0
+    Built by :meth:`lunamon.MonitoringSettings.flush_policy`, which checks the
+    values and holds the defaults; nothing is checked or defaulted here.
+    """
 
-    def __post_init__(self) -> None:
-        for name in ("flush_interval", "shutdown_timeout", "retry_base_delay", "write_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
-        if self.retry_max_delay < self.retry_base_delay:
-            raise ValueError("retry_max_delay must be >= retry_base_delay")
-        if self.batch_size < 1 or self.buffer_size < self.batch_size:
-            raise ValueError("need 1 <= batch_size <= buffer_size")
-        if self.max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
+    flush_interval: float
+    batch_size: int
+    buffer_size: int
+    shutdown_timeout: float
+    write_timeout: float
+    max_retries: int
+    retry_base_delay: float
+    retry_max_delay: float
 
 
 class _Channel:
@@ -173,8 +167,8 @@ atexit.register(_drain_unstarted_at_exit)
 class Flusher:
     """Buffers points per sink and delivers them in batches."""
 
-    def __init__(self, sinks: Sequence[Sink], policy: FlushPolicy | None = None) -> None:
-        self.policy = policy or FlushPolicy()
+    def __init__(self, sinks: Sequence[Sink], policy: FlushPolicy) -> None:
+        self.policy = policy
         self._channels: list[_Channel] = []
         seen: dict[str, int] = {}
         for sink in sinks:

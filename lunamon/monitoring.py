@@ -6,30 +6,25 @@ from collections.abc import Callable, Sequence
 
 from lunamon.flusher import Flusher, FlushPolicy, SinkStats
 from lunamon.point import Point
+from lunamon.settings import MonitoringSettings
 from lunamon.sinks.base import Sink
 
 __all__ = ["Monitoring"]
 
 
 class Monitoring:
-    """One service's monitoring: its name, its sinks and the flusher feeding them.
+    """One service's monitoring: its settings, its sinks and the flusher feeding them.
 
-    ``enabled=False`` gives a handle whose ``emit`` does nothing.
+    ``settings.enabled`` false gives a handle whose ``emit`` does nothing.
     """
 
-    def __init__(
-        self,
-        service: str,
-        sinks: Sequence[Sink],
-        policy: FlushPolicy | None = None,
-        *,
-        enabled: bool = True,
-    ) -> None:
-        self.service = service
-        self.enabled = enabled
-        self.sinks = list(sinks)
-        self._flusher = Flusher(self.sinks if enabled else (), policy)
-        self.emit: Callable[[Point], None] = self._flusher.emit if enabled else _discard
+    def __init__(self, settings: MonitoringSettings, sinks: Sequence[Sink]) -> None:
+        self.settings = settings
+        self.service = settings.service
+        self.enabled = settings.enabled
+        self.sinks = list(sinks) if settings.enabled else []
+        self._flusher = Flusher(self.sinks, settings.flush_policy())
+        self.emit: Callable[[Point], None] = self._flusher.emit if self.enabled else _discard
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"

@@ -16,15 +16,19 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import unquote
+from typing import Any, Final, NamedTuple
 
 from lunamon._log import logger
-from lunamon.point import sanitize_tag_value, validate_key
+from lunamon._secrets import SinkOptions, mask_secrets
+from lunamon._validation import sanitize_tag_value, validate_key
+from lunamon.errors import SettingsError
+from lunamon.flusher import FlushPolicy
+from lunamon.sinks.base import Sink
+from lunamon.sinks.registry import create_sink, validate_sink_type
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,21 +36,15 @@ else:  # pragma: no cover - Python 3.10
     # tomli is only installed on 3.10 (setup.cfg); mypy may check for 3.10 without it.
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-if TYPE_CHECKING:
-    from lunamon.flusher import FlushPolicy
-    from lunamon.sinks.base import Sink
 
 __all__ = [
     "DEFAULT_FAILED_STATUS_CODES",
     "DEFAULT_PATH_TAGS",
     "ENV_PREFIX",
     "MonitoringSettings",
+    "PROCESS_ENV",
     "SettingsError",
-    "SinkOptions",
     "SinkSettings",
-    "is_secret_key",
-    "mask_secrets",
-    "redact_secrets",
 ]
 
 ENV_PREFIX: Final = "LUNAMON_"
@@ -54,32 +52,11 @@ DEFAULT_FAILED_STATUS_CODES: Final = frozenset(range(400, 600))
 DEFAULT_PATH_TAGS: Final[Mapping[str, str]] = MappingProxyType(
     {"handlerId": "handler_id", "verifierId": "verifier_id"}
 )
-MASK: Final = "***"
 
 # Tags every point already has: a path parameter must not overwrite them.
 _RESERVED_TAGS: Final = frozenset({"service", "route", "status_code", "error_code"})
-_SECRET_WORDS: Final = ("password", "passwd", "token", "secret", "authorization", "api_key")
 _HTTP_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# `scheme://user:password@host`, and `?token=...` style query parameters.
-_URL_USERINFO: Final = re.compile(
-    r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/@:\s]*:)(?P<pw>[^/@\s]+)@"
-)
-_URL_QUERY_SECRET: Final = re.compile(r"(?P<head>[?&](?P<key>[^=&#\s]+)=)(?P<value>[^&#\s]*)")
 _ENV_SUFFIX: Final = "_env"
-
-
-class SettingsError(ValueError):
-    """Invalid monitoring settings. The message names the file and the key, never a secret."""
-
-    def __init__(self, problem: str, *, key: str | None = None, source: str | None = None) -> None:
-        self.problem = problem
-        self.key = key
-        self.source = source
-        super().__init__(": ".join(part for part in (source, key, problem) if part))
-
-    def relabel(self, *, key: str | None, source: str | None) -> SettingsError:
-        """The same problem, reported for another key path and source."""
-        return SettingsError(self.problem, key=key, source=source)
 
 
 def _scrubbed(error: SettingsError) -> SettingsError:
@@ -90,95 +67,6 @@ def _scrubbed(error: SettingsError) -> SettingsError:
     error.__context__ = None
     error.__cause__ = None
     return error
-
-
-# --------------------------------------------------------------------------- secrets
-
-
-def is_secret_key(key: object) -> bool:
-    """Whether an option named ``key`` holds a secret (its value is never shown)."""
-    if not isinstance(key, str):
-        return False
-    lowered = key.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
-
-
-def mask_secrets(options: Mapping[Any, Any]) -> dict[Any, Any]:
-    """A copy of ``options`` safe to show: secret values and URL passwords become ``***``."""
-    return {key: _mask_value(key, value) for key, value in options.items()}
-
-
-def _mask_value(key: object, value: Any) -> Any:
-    if value is None:
-        return None
-    if is_secret_key(key):
-        return MASK
-    if isinstance(value, str):
-        return _mask_url(value)
-    if isinstance(value, Mapping):
-        return mask_secrets(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_mask_value(None, item) for item in value)
-    return value
-
-
-def _mask_url(text: str) -> str:
-    if "://" in text:
-        text = _URL_USERINFO.sub(lambda m: m["head"] + MASK + "@", text)
-    if "=" in text:
-        text = _URL_QUERY_SECRET.sub(
-            lambda m: m["head"] + MASK if is_secret_key(m["key"]) else m[0], text
-        )
-    return text
-
-
-def _secret_values(key: object, value: Any, secret: bool = False) -> Iterator[str]:
-    secret = secret or is_secret_key(key)
-    if value is None or isinstance(value, bool):
-        return
-    if isinstance(value, Mapping):
-        for sub_key, sub_value in value.items():
-            yield from _secret_values(sub_key, sub_value, secret)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _secret_values(None, item, secret)
-    elif secret:
-        yield str(value)
-    elif isinstance(value, str):
-        found = [m["pw"] for m in _URL_USERINFO.finditer(value)]
-        found += [m["value"] for m in _URL_QUERY_SECRET.finditer(value) if is_secret_key(m["key"])]
-        for text in found:
-            yield text
-            yield unquote(text)  # as the sink may show it, decoded
-
-
-def redact_secrets(text: str, options: Mapping[Any, Any]) -> str:
-    """``text`` with every secret value of ``options`` replaced by ``***``."""
-    secrets = sorted({s for s in _secret_values(None, options) if s}, key=len, reverse=True)
-    for secret in secrets:
-        text = text.replace(secret, MASK)
-    return text
-
-
-class SinkOptions(Mapping[str, Any]):
-    """A read-only mapping of sink options whose ``repr`` masks secrets."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        self._data = dict(data)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __repr__(self) -> str:
-        return repr(mask_secrets(self._data))
 
 
 # --------------------------------------------------------------------------- checks
@@ -354,8 +242,6 @@ class SinkSettings:
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        from lunamon.sinks.registry import validate_sink_type
-
         validate_sink_type(self.type)
         if not isinstance(self.options, Mapping):
             raise _fail(
@@ -373,8 +259,6 @@ class SinkSettings:
 
     def build(self, app: Any = None) -> Sink:
         """Import the sink type and construct it with the options (``app`` for LUNA plugins)."""
-        from lunamon.sinks.registry import create_sink
-
         return create_sink(self.type, self.options, app=app)
 
 
@@ -477,21 +361,128 @@ def _env_text(text: str) -> str:
     return text.strip()
 
 
-_ENV_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
-    "enabled": _env_bool,
-    "service": _env_text,
-    "flush_interval": _env_float,
-    "batch_size": _env_int,
-    "buffer_size": _env_int,
-    "shutdown_timeout": _env_float,
-    "request_id_header": _env_text,
-    "exclude": _env_list,
-    "failed_status_codes": _env_status_codes,
-    "path_tags": _env_path_tags,
-    "max_retries": _env_int,
-    "retry_base_delay": _env_float,
-    "retry_max_delay": _env_float,
-}
+class _Spec(NamedTuple):
+    """How one setting is checked, read from a ``LUNAMON_*`` variable, and documented."""
+
+    check: Callable[[Any, str], Any]
+    from_env: Callable[[str], object] | None
+    doc: str
+    example: str
+
+
+def _at_least(minimum: int) -> Callable[[Any, str], int]:
+    return lambda value, key: _check_int(value, key, minimum)
+
+
+# One entry per setting, in the order of MonitoringSettings' fields (a test checks
+# that both name the same settings); the defaults live on the fields alone.
+_SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
+    {
+        "enabled": _Spec(
+            _check_bool, _env_bool, "false: record nothing, start no sink", "enabled = true"
+        ),
+        "service": _Spec(
+            _check_service,
+            _env_text,
+            "the `service` tag of every point",
+            'service = "luna-handlers"',
+        ),
+        "flush_interval": _Spec(
+            _check_seconds,
+            _env_float,
+            "seconds between two flushes of a sink's buffer",
+            "flush_interval = 1.0",
+        ),
+        "batch_size": _Spec(
+            _at_least(1),
+            _env_int,
+            "points per write; a full batch is flushed at once",
+            "batch_size = 5000",
+        ),
+        "buffer_size": _Spec(
+            _at_least(1),
+            _env_int,
+            "points buffered per sink; when full the oldest are dropped (`overflow`)",
+            "buffer_size = 100000",
+        ),
+        "shutdown_timeout": _Spec(
+            _check_seconds,
+            _env_float,
+            "seconds the app's cleanup waits to drain the buffers",
+            "shutdown_timeout = 5.0",
+        ),
+        "write_timeout": _Spec(
+            _check_seconds,
+            _env_float,
+            "seconds one write of a batch may take before it counts as failed",
+            "write_timeout = 60.0",
+        ),
+        "request_id_header": _Spec(
+            _check_header,
+            _env_text,
+            "header carrying the request id, taken from the request and echoed",
+            'request_id_header = "Luna-Request-Id"',
+        ),
+        "exclude": _Spec(
+            _check_exclude,
+            _env_list,
+            "routes not recorded, as `METHOD:/template` (`LUNAMON_EXCLUDE`: comma-separated)",
+            'exclude = ["GET:/healthcheck"]',
+        ),
+        "failed_status_codes": _Spec(
+            _check_status_codes,
+            _env_status_codes,
+            "statuses that add an `error` point: codes and `low-high` ranges",
+            'failed_status_codes = ["400-599"]',
+        ),
+        "path_tags": _Spec(
+            _check_path_tags,
+            _env_path_tags,
+            "path parameters recorded as tags (`LUNAMON_PATH_TAGS`: `param=tag,...`)",
+            'path_tags = {handlerId = "handler_id", verifierId = "verifier_id"}',
+        ),
+        "max_retries": _Spec(
+            _at_least(0),
+            _env_int,
+            "retries of a failed batch before it is dropped (`retry_exhausted`)",
+            "max_retries = 10",
+        ),
+        "retry_base_delay": _Spec(
+            _check_seconds,
+            _env_float,
+            "first retry delay in seconds; doubles per retry, with jitter",
+            "retry_base_delay = 0.5",
+        ),
+        "retry_max_delay": _Spec(
+            _check_seconds,
+            _env_float,
+            "cap of the retry delay and of a server's `Retry-After`, in seconds",
+            "retry_max_delay = 30.0",
+        ),
+        "sinks": _Spec(
+            lambda value, key: _check_sinks(value, key),
+            None,
+            "where points go: `[[monitoring.sinks]]` tables (see the sink options below)",
+            '[[monitoring.sinks]]\ntype = "influxdb"\nhost = "127.0.0.1"',
+        ),
+    }
+)
+
+
+class _ProcessEnvironment:
+    """The default of ``env``: ``os.environ``, read when called, never shown by value."""
+
+    def __repr__(self) -> str:
+        return "<process environment>"
+
+
+PROCESS_ENV: Final = _ProcessEnvironment()
+EnvArg = Mapping[str, str] | _ProcessEnvironment | None
+_warned_env: set[str] = set()
+
+
+def _environment(env: EnvArg) -> Mapping[str, str] | None:
+    return os.environ if isinstance(env, _ProcessEnvironment) else env
 
 
 # --------------------------------------------------------------------------- settings
@@ -501,9 +492,10 @@ _ENV_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
 class MonitoringSettings:
     """The ``[monitoring]`` section: what to monitor and where points go.
 
-    Constructing one validates and normalises every value (``SettingsError``
-    otherwise); :meth:`load` and :meth:`from_mapping` add the file's name and
-    the key path to the error.
+    The one source of options: a config file (:meth:`load`), a mapping
+    (:meth:`from_mapping`), ``LUNAMON_*`` variables and ``setup()`` arguments
+    (:meth:`replace`) all go through the same checks, and the defaults below are
+    the only ones. A refused value raises ``SettingsError`` naming where it came from.
     """
 
     enabled: bool = True
@@ -512,6 +504,7 @@ class MonitoringSettings:
     batch_size: int = 5000
     buffer_size: int = 100_000
     shutdown_timeout: float = 5.0
+    write_timeout: float = 60.0
     request_id_header: str = "Luna-Request-Id"
     exclude: tuple[str, ...] = ()
     failed_status_codes: frozenset[int] = DEFAULT_FAILED_STATUS_CODES
@@ -524,26 +517,8 @@ class MonitoringSettings:
     source: str = field(default="<settings>", init=False, compare=False)
 
     def __post_init__(self) -> None:
-        checked: dict[str, object] = {
-            "enabled": _check_bool(self.enabled, "enabled"),
-            "service": _check_service(self.service, "service"),
-            "flush_interval": _check_seconds(self.flush_interval, "flush_interval"),
-            "batch_size": _check_int(self.batch_size, "batch_size", 1),
-            "buffer_size": _check_int(self.buffer_size, "buffer_size", 1),
-            "shutdown_timeout": _check_seconds(self.shutdown_timeout, "shutdown_timeout"),
-            "request_id_header": _check_header(self.request_id_header, "request_id_header"),
-            "exclude": _check_exclude(self.exclude, "exclude"),
-            "failed_status_codes": _check_status_codes(
-                self.failed_status_codes, "failed_status_codes"
-            ),
-            "path_tags": _check_path_tags(self.path_tags, "path_tags"),
-            "max_retries": _check_int(self.max_retries, "max_retries", 0),
-            "retry_base_delay": _check_seconds(self.retry_base_delay, "retry_base_delay"),
-            "retry_max_delay": _check_seconds(self.retry_max_delay, "retry_max_delay"),
-            "sinks": _check_sinks(self.sinks, "sinks"),
-        }
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
+        for name, spec in _SPECS.items():
+            object.__setattr__(self, name, spec.check(getattr(self, name), name))
         if self.batch_size > self.buffer_size:
             raise _fail(
                 "batch_size",
@@ -572,16 +547,15 @@ class MonitoringSettings:
     # ----------------------------------------------------------------- loading
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = os.environ
-    ) -> MonitoringSettings:
+    def load(cls, path: str | os.PathLike[str], *, env: EnvArg = PROCESS_ENV) -> MonitoringSettings:
         """Read the ``monitoring`` section of a ``.toml`` or ``.json`` file, then ``LUNAMON_*``.
 
-        A missing or unreadable file raises ``OSError``; anything wrong in it,
+        ``env`` defaults to the process environment; ``None`` reads none. A
+        missing or unreadable file raises ``OSError``; anything wrong in it,
         ``SettingsError``. Keys of the file outside ``monitoring`` are ignored.
         """
         try:
-            return cls._from_mapping(*_read_document(Path(path)), env)
+            return cls._from_mapping(*_read_document(Path(path)), _environment(env))
         except SettingsError as exc:
             error = exc if exc.source else exc.relabel(key=exc.key, source=os.fspath(path))
         del env  # this frame stays in the traceback: no environment in it
@@ -592,20 +566,56 @@ class MonitoringSettings:
         cls,
         mapping: Mapping[str, Any],
         *,
-        env: Mapping[str, str] | None = None,
+        env: EnvArg = None,
         source: str = "<mapping>",
     ) -> MonitoringSettings:
         """Settings from the parsed ``monitoring`` section (or a whole document holding one).
 
         ``env`` supplies ``LUNAMON_*`` overrides and the variables named by
-        ``<option>_env`` sink options; ``None`` reads no environment at all.
+        ``<option>_env`` sink options (``PROCESS_ENV`` for the process's own);
+        ``None``, the default, reads no environment at all.
         """
         try:
-            return cls._from_mapping(mapping, source, env)
+            return cls._from_mapping(mapping, source, _environment(env))
         except SettingsError as exc:
             error = exc if exc.source else exc.relabel(key=exc.key, source=source)
         del mapping, env  # this frame stays in the traceback: no raw configuration in it
         raise _scrubbed(error)
+
+    @classmethod
+    def from_env(cls, env: EnvArg = PROCESS_ENV) -> MonitoringSettings:
+        """The defaults with the ``LUNAMON_*`` variables of ``env`` applied."""
+        return cls.from_mapping({}, env=env, source="<environment>")
+
+    def replace(self, **options: Any) -> MonitoringSettings:
+        """A copy with ``options`` changed, checked exactly as a file's values are.
+
+        ``setup(app, **options)`` goes through here. ``sinks`` takes
+        :class:`SinkSettings` or sink tables as a file has them.
+        """
+        try:
+            return self._replace(options)
+        except SettingsError as exc:
+            error = exc.relabel(key=exc.key, source=exc.source or "setup()")
+        del options  # no raw configuration in the traceback
+        raise _scrubbed(error)
+
+    def _replace(self, options: Mapping[str, Any]) -> MonitoringSettings:
+        values = {name: getattr(self, name) for name in _SPECS}
+        for key, value in options.items():
+            if key not in _SPECS:
+                raise SettingsError(_unknown(key, _SPECS), key=key)
+            if key == "sinks" and isinstance(value, (list, tuple)):
+                value = tuple(
+                    item
+                    if isinstance(item, SinkSettings)
+                    else _sink_from_table(item, f"sinks[{i}]", os.environ)
+                    for i, item in enumerate(value)
+                )
+            values[key] = value
+        settings = type(self)(**values)
+        object.__setattr__(settings, "source", self.source)
+        return settings
 
     @classmethod
     def _from_mapping(
@@ -617,26 +627,26 @@ class MonitoringSettings:
             raise SettingsError(
                 f"expected a table, got {_kind(mapping)}", key="monitoring", source=source
             )
-        names = [f.name for f in dataclasses.fields(cls) if f.init]
         kwargs: dict[str, Any] = {}
         labels: dict[str, str] = {}
         for key, value in mapping.items():
             label = f"monitoring.{key}"
-            if key not in names:
-                hint = difflib.get_close_matches(str(key), names, n=1)
-                problem = "unknown setting" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                raise SettingsError(problem, key=label, source=source)
+            if key not in _SPECS:
+                raise SettingsError(_unknown(key, _SPECS), key=label, source=source)
             kwargs[key] = _parse_sinks(value, label, env) if key == "sinks" else value
             labels[key] = label
         overrides = []
         for name, text in (env or {}).items():
-            key = name[len(ENV_PREFIX) :].lower() if name.startswith(ENV_PREFIX) else ""
-            parse = _ENV_PARSERS.get(key)
-            if parse is None or name != name.upper():
+            if not name.startswith(ENV_PREFIX) or name != name.upper():
+                continue
+            key = name[len(ENV_PREFIX) :].lower()
+            spec = _SPECS.get(key)
+            if spec is None or spec.from_env is None:
+                _warn_unknown_variable(name)
                 continue
             label = f"environment variable {name}"
             try:
-                kwargs[key] = parse(text)
+                kwargs[key] = spec.from_env(text)
             except ValueError as exc:
                 problem = f"{exc}, got {text!r}"
             else:
@@ -681,17 +691,30 @@ class MonitoringSettings:
 
     def flush_policy(self) -> FlushPolicy:
         """The batching, retry and drain settings as the flusher's :class:`FlushPolicy`."""
-        from lunamon.flusher import FlushPolicy
-
         return FlushPolicy(
-            flush_interval=self.flush_interval,
-            batch_size=self.batch_size,
-            buffer_size=self.buffer_size,
-            shutdown_timeout=self.shutdown_timeout,
-            max_retries=self.max_retries,
-            retry_base_delay=self.retry_base_delay,
-            retry_max_delay=self.retry_max_delay,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(FlushPolicy)}
         )
+
+
+def _unknown(key: object, known: Iterable[str]) -> str:
+    hint = difflib.get_close_matches(str(key), list(known), n=1)
+    return "unknown setting" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+
+
+def _warn_unknown_variable(name: str) -> None:
+    """A ``LUNAMON_*`` variable that names no setting: warned once, not fatal (shared env)."""
+    if name in _warned_env:
+        return
+    _warned_env.add(name)
+    key = name[len(ENV_PREFIX) :].lower()
+    known = [n for n, spec in _SPECS.items() if spec.from_env is not None]
+    hint = difflib.get_close_matches(key, known, n=1)
+    logger.warning(
+        "unknown_environment_variable",
+        variable=name,
+        hint=f"did you mean {ENV_PREFIX}{hint[0].upper()}?" if hint else None,
+        known=[ENV_PREFIX + n.upper() for n in known],
+    )
 
 
 def _read_document(path: Path) -> tuple[Any, str]:

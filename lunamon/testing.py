@@ -1,13 +1,19 @@
-"""Test helpers, also a pytest plugin: capture the points an app produces.
+"""Test helpers: capture the points an app produces (no pytest needed).
 
 Like ``structlog.testing.capture_logs``::
+
+    with capture_points() as points:
+        ...  # drive the app
+    assert points.series("request")[0].tags["status_code"] == "200"
+
+or, in pytest, the ``lunamon_points`` fixture (:mod:`lunamon.pytest_plugin`)::
 
     def test_it(lunamon_points):
         ...  # drive the app
         assert lunamon_points.series("request")[0].tags["status_code"] == "200"
 
-or, without pytest, ``with capture_points() as points: ...``. Points are
-captured when emitted, before any sink sees them, whatever sinks are configured.
+Points are captured when emitted, before any sink sees them, whatever sinks
+are configured.
 """
 
 from __future__ import annotations
@@ -15,12 +21,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
-
 from lunamon.flusher import _taps
 from lunamon.point import Point
 
-__all__ = ["CapturedPoints", "capture_points", "lunamon_points"]
+__all__ = ["CapturedPoints", "capture_points"]
 
 
 class CapturedPoints(list[Point]):
@@ -40,10 +44,3 @@ def capture_points() -> Iterator[CapturedPoints]:
         yield points
     finally:
         _taps.remove(points)
-
-
-@pytest.fixture
-def lunamon_points() -> Iterator[CapturedPoints]:
-    """The points emitted during the test (a :class:`CapturedPoints` list)."""
-    with capture_points() as points:
-        yield points

@@ -19,8 +19,8 @@ from typing import Any, Generic, TypeVar, overload
 
 import wrapt
 
+from lunamon._validation import validate_key
 from lunamon.collector import RequestCollector, current
-from lunamon.point import validate_key
 
 __all__ = ["measure", "timed"]
 
@@ -48,8 +48,7 @@ async def _timed_await(coro: Awaitable[T], collector: RequestCollector, name: st
     try:
         return await coro
     finally:
-        steps = collector.steps
-        steps[name] = steps.get(name, 0.0) + (perf_counter() - start)
+        collector.add_step(name, perf_counter() - start)
 
 
 class _TimedAsyncGenerator(Generic[Y, S]):
@@ -121,87 +120,56 @@ class _TimedGenerator(Generic[Y, S, T]):
         return getattr(self._gen, attr)
 
 
-# One factory per kind of callable. Each returns the call path for ``wrapped``
-# as a ``__call__`` (its first parameter is the wrapper object, unused): the kind
-# and the field name are settled here, once, not on every call.
-Caller = Callable[..., Any]
+Caller = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
 
 
-def _coroutine_caller(wrapped: Callable[..., Any], name: str) -> Caller:
-    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
-        collector = _current_get()
-        if collector is None:
-            return wrapped(*args, **kwargs)
-        return _timed_await(wrapped(*args, **kwargs), collector, name)
-
-    return __call__
-
-
-def _async_generator_caller(wrapped: Callable[..., Any], name: str) -> Caller:
-    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
-        collector = _current_get()
-        if collector is None:
-            return wrapped(*args, **kwargs)
-        return _TimedAsyncGenerator(wrapped(*args, **kwargs), collector, name)
-
-    return __call__
-
-
-def _generator_caller(wrapped: Callable[..., Any], name: str) -> Caller:
-    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
-        collector = _current_get()
-        if collector is None:
-            return wrapped(*args, **kwargs)
-        return _TimedGenerator(wrapped(*args, **kwargs), collector, name)
-
-    return __call__
-
-
-def _function_caller(wrapped: Callable[..., Any], name: str) -> Caller:
-    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
-        collector = _current_get()
-        if collector is None:
-            return wrapped(*args, **kwargs)
-        start = perf_counter()
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            steps = collector.steps
-            steps[name] = steps.get(name, 0.0) + (perf_counter() - start)
-
-    return __call__
-
-
-def _caller_factory(func: Callable[..., Any]) -> Callable[[Callable[..., Any], str], Caller]:
+def _caller(func: Callable[..., Any], name: str) -> Caller:
+    """The call path for ``func``, chosen once by its kind, in wrapt's wrapper shape
+    ``(wrapped, instance, args, kwargs)``: outside a request it only calls through."""
     if inspect.iscoroutinefunction(func):
-        return _coroutine_caller
-    if inspect.isasyncgenfunction(func):
-        return _async_generator_caller
-    if inspect.isgeneratorfunction(func):
-        return _generator_caller
-    return _function_caller
+        timed_result: Callable[[Any, RequestCollector, str], Any] = _timed_await
+    elif inspect.isasyncgenfunction(func):
+        timed_result = _TimedAsyncGenerator
+    elif inspect.isgeneratorfunction(func):
+        timed_result = _TimedGenerator
+    else:
+
+        def call_function(
+            wrapped: Callable[..., Any], _instance: Any, args: Any, kwargs: Any
+        ) -> Any:
+            collector = _current_get()
+            if collector is None:
+                return wrapped(*args, **kwargs)
+            start = perf_counter()
+            try:
+                return wrapped(*args, **kwargs)
+            finally:
+                collector.add_step(name, perf_counter() - start)
+
+        return call_function
+
+    def call_deferred(wrapped: Callable[..., Any], _instance: Any, args: Any, kwargs: Any) -> Any:
+        # Coroutines and generators run later: the result is wrapped to time its own steps.
+        collector = _current_get()
+        if collector is None:
+            return wrapped(*args, **kwargs)
+        return timed_result(wrapped(*args, **kwargs), collector, name)
+
+    return call_deferred
 
 
 class _TimedFunctionWrapper(wrapt.FunctionWrapper):  # type: ignore[type-arg]
-    """wrapt's proxy (introspection, descriptors) with a fast call path.
+    """wrapt's proxy (introspection, descriptors) around a :func:`_caller`.
 
+    Classmethods, staticmethods and other descriptors go through wrapt's binding
+    and call the caller as its wrapper. A plain function gets a subclass of its
+    own (see :func:`_wrap`) whose ``__call__`` calls the caller directly:
     wrapt 2.5's own ``__call__`` probes ``__wrapped__.__self__`` on every call
-    (about 1.5 µs for a plain function), binding a method builds a
-    ``BoundFunctionWrapper`` per access, and every attribute read on the proxy
-    costs ~200 ns. So :func:`_wrap` makes one subclass per decorated callable
-    whose ``__call__`` closes over the function and the field name; plain
-    functions and instance methods (bound with ``MethodType``) call straight
-    through it. Classmethods, staticmethods and other descriptors keep wrapt's
-    binding and its ``(wrapped, instance, args, kwargs)`` wrapper.
+    (~1.5 µs), binding builds a ``BoundFunctionWrapper`` per access, and every
+    attribute read on the proxy costs ~200 ns. Methods are bound with ``MethodType``.
     """
 
     _plain = False
-
-    def __init__(self, wrapped: Any, factory: Callable[[Any, str], Caller], name: str) -> None:
-        def wrapper(inner: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            return factory(inner, name)(None, *args, **kwargs)
-
-        super().__init__(wrapped, wrapper)
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
         if not self._plain:
@@ -211,21 +179,23 @@ class _TimedFunctionWrapper(wrapt.FunctionWrapper):  # type: ignore[type-arg]
         return MethodType(self, instance)
 
 
-def _wrapper_class(func: Any, factory: Callable[[Any, str], Caller], name: str) -> type[Any]:
-    if not isinstance(func, FunctionType):
-        return _TimedFunctionWrapper
-    namespace = {"__call__": factory(func, name), "_plain": True}
-    return type("TimedFunction", (_TimedFunctionWrapper,), namespace)
+def _plain_wrapper_class(func: Callable[..., Any], caller: Caller) -> type[Any]:
+    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
+        return caller(func, None, args, kwargs)
+
+    return type("TimedFunction", (_TimedFunctionWrapper,), {"__call__": __call__, "_plain": True})
 
 
 def _wrap(func: F, name: str | None) -> F:
     inner = func.__func__ if isinstance(func, (classmethod, staticmethod)) else func
     if not callable(inner):
         raise TypeError(f"timed() needs a function, not {type(func).__name__}")
-    field = _check_name(name if name is not None else f"{inner.__name__}_time")
-    factory = _caller_factory(inner)
-    wrapper: F = _wrapper_class(func, factory, field)(func, factory, field)
-    return wrapper
+    caller = _caller(inner, _check_name(name if name is not None else f"{inner.__name__}_time"))
+    if isinstance(func, FunctionType):
+        wrapper: Any = _plain_wrapper_class(func, caller)(func, caller)
+    else:
+        wrapper = _TimedFunctionWrapper(func, caller)
+    return wrapper  # type: ignore[no-any-return]
 
 
 @overload

@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from lunamon import MONITORING_KEY, FlushPolicy, Point
+from lunamon import MONITORING_KEY, Point
 from lunamon.demo.service import create_app
 from lunamon.sinks.influxdb import InfluxDBSink
 
@@ -27,7 +27,7 @@ async def _worker_header(request: web.Request, response: web.StreamResponse) -> 
 def _build() -> web.Application:
     sink = InfluxDBSink("127.0.0.1", int(os.environ["REL_INFLUX_PORT"]), os.environ["REL_DB"])
     # a long interval: the points reach influxd through the drain at the graceful stop
-    service = create_app(sinks=[sink], policy=FlushPolicy(flush_interval=30.0))
+    service = create_app(sinks=[sink], flush_interval=30.0)
     service.on_response_prepare.append(_worker_header)
     return service
 

@@ -17,7 +17,7 @@ import time
 
 from aiohttp import web
 
-from lunamon import MONITORING_KEY, FlushPolicy, Point
+from lunamon import MONITORING_KEY, Point
 from lunamon.demo.service import create_app
 from lunamon.sinks.file import LineProtocolFileSink
 from lunamon.sinks.influxdb import InfluxDBSink
@@ -30,12 +30,10 @@ app = create_app(
         LineProtocolFileSink(os.environ["REL_FILE"]),
         InfluxDBSink("127.0.0.1", int(os.environ["REL_INFLUX_PORT"]), os.environ["REL_DB"]),
     ],
-    policy=FlushPolicy(
-        flush_interval=30.0,
-        shutdown_timeout=float(os.environ.get("REL_SHUTDOWN_TIMEOUT", "10")),
-        retry_base_delay=0.05,
-        retry_max_delay=0.2,
-    ),
+    flush_interval=30.0,
+    shutdown_timeout=float(os.environ.get("REL_SHUTDOWN_TIMEOUT", "10")),
+    retry_base_delay=0.05,
+    retry_max_delay=0.2,
 )
 monitoring = app[MONITORING_KEY]
 monitoring.emit(Point("startup", time.time_ns(), {"mode": MODE}, {"pid": os.getpid()}))

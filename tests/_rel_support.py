@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from servers import InfluxServer
 
-from lunamon import FlushPolicy, Monitoring
+from lunamon import Monitoring
 from lunamon.flusher import SinkStats
 
 __all__ = [
@@ -48,8 +48,8 @@ def new_db() -> str:
     return f"rel_{uuid.uuid4().hex[:12]}"
 
 
-def fast_policy(**overrides: Any) -> FlushPolicy:
-    """A policy that flushes, retries and gives up fast enough for a test."""
+def fast_policy(**overrides: Any) -> dict[str, Any]:
+    """Settings that flush, retry and give up fast enough for a test (``setup()`` options)."""
     options: dict[str, Any] = {
         "flush_interval": 0.05,
         "batch_size": 100,
@@ -61,7 +61,7 @@ def fast_policy(**overrides: Any) -> FlushPolicy:
         "write_timeout": 10.0,
     }
     options.update(overrides)
-    return FlushPolicy(**options)
+    return options
 
 
 def assert_invariant(stats: Mapping[str, SinkStats]) -> None:

@@ -30,11 +30,11 @@ from hypothesis import strategies as st
 from servers import InfluxServer
 
 import lunamon
-import lunamon.aiohttp
+import lunamon._recorder
 import lunamon.timing
 from lunamon import MONITORING_KEY, Monitoring, Point
+from lunamon._validation import INT64_MAX, INT64_MIN, omitted_counts
 from lunamon.demo.service import SUBSTEPS, create_app
-from lunamon.point import INT64_MAX, INT64_MIN, omitted_counts
 from lunamon.sinks.influxdb import InfluxDBSink
 
 Stored = tuple[str, int, dict[str, str], dict[str, Any]]
@@ -115,7 +115,7 @@ def probe_app(db: str, server: InfluxServer, probes: dict[str, Probe]) -> web.Ap
         app,
         service="probe",
         sinks=[InfluxDBSink(server.host, server.port, db)],
-        policy=fast_policy(flush_interval=30.0, batch_size=1000),
+        **fast_policy(flush_interval=30.0, batch_size=1000),
     )
     return app
 
@@ -352,7 +352,7 @@ def test_22_23_24_points_refused_at_record_time(
 
 
 class _FrozenClock(SimpleNamespace):
-    """Stands for the ``time`` module in lunamon.aiohttp: one start instant, no duration."""
+    """Stands for the ``time`` module in lunamon._recorder: one start instant, no duration."""
 
 
 async def test_24_every_time_field_is_a_float_even_when_zero(
@@ -361,7 +361,7 @@ async def test_24_every_time_field_is_a_float_even_when_zero(
     db = new_db()
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db)],
-        policy=fast_policy(flush_interval=30.0, batch_size=1000),
+        **fast_policy(flush_interval=30.0, batch_size=1000),
     )
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
@@ -376,7 +376,7 @@ async def test_24_every_time_field_is_a_float_even_when_zero(
     with monkeypatch.context() as patch:
         patch.setattr(lunamon.timing, "perf_counter", lambda: 100.0)
         patch.setattr(
-            lunamon.aiohttp,
+            lunamon._recorder,
             "time",
             _FrozenClock(time_ns=time.time_ns, perf_counter=lambda: 100.0),
         )
@@ -412,13 +412,13 @@ async def test_20_identical_tags_in_the_same_millisecond_give_n_rows(
     if clock == "frozen":  # every request starts at the very same nanosecond
         instant = time.time_ns()
         monkeypatch.setattr(
-            lunamon.aiohttp,
+            lunamon._recorder,
             "time",
             _FrozenClock(time_ns=lambda: instant, perf_counter=time.perf_counter),
         )
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db)],
-        policy=fast_policy(flush_interval=30.0, batch_size=1000),
+        **fast_policy(flush_interval=30.0, batch_size=1000),
     )
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
@@ -443,7 +443,7 @@ async def test_26_crafted_request_path_injects_no_line(
     db = new_db()
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db)],
-        policy=fast_policy(flush_interval=30.0, batch_size=1000),
+        **fast_policy(flush_interval=30.0, batch_size=1000),
     )
 
     async def echo(request: web.Request) -> web.Response:

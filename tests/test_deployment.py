@@ -246,7 +246,7 @@ async def test_vmagent_relay_restarted_mid_run_all_numeric_series_arrive(
     run = uuid.uuid4().hex[:8]
     memory = MemorySink()  # what lunamon sent, to compare with
     relay = InfluxDBSink("127.0.0.1", vmagent.port, "lunamon", create_database=False, timeout=2)
-    app = create_app(sinks=[relay, memory], policy=fast_policy(retry_max_delay=0.5))
+    app = create_app(sinks=[relay, memory], **fast_policy(retry_max_delay=0.5))
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
 

@@ -45,9 +45,9 @@ from servers import HANG, FakeInfluxServer, FakeResponse, InfluxServer, free_por
 from structlog.testing import capture_logs
 
 import lunamon.point
-from lunamon import MONITORING_KEY, FlushPolicy, Monitoring, Point
+from lunamon import MONITORING_KEY, Monitoring, Point
 from lunamon.demo.service import create_app
-from lunamon.point import parse_line_protocol
+from lunamon.lineprotocol import parse_line_protocol
 from lunamon.sinks.influxdb import InfluxDBSink
 from lunamon.sinks.memory import MemorySink
 from lunamon.sinks.plugin import BaseRequestMonitoringPlugin, PluginSink
@@ -102,7 +102,7 @@ async def test_1_sink_down_at_start_then_up_all_arrive_once(
     server.kill()
     db = new_db()
     app = create_app(
-        sinks=[InfluxDBSink(server.host, server.port, db, timeout=2.0)], policy=fast_policy()
+        sinks=[InfluxDBSink(server.host, server.port, db, timeout=2.0)], **fast_policy()
     )
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
@@ -127,7 +127,7 @@ async def test_2_sink_killed_and_restarted_mid_run(
     db = new_db()
     bound = 400
     policy = fast_policy(buffer_size=bound, batch_size=50)
-    app = create_app(sinks=[InfluxDBSink(server.host, server.port, db, timeout=1.0)], policy=policy)
+    app = create_app(sinks=[InfluxDBSink(server.host, server.port, db, timeout=1.0)], **policy)
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     buffered: list[int] = []
@@ -184,7 +184,7 @@ async def test_3_hung_sink_times_out_one_write_in_flight_latency_unchanged(
 
     fake_influx.default = HANG
     sink = fake_sink(fake_influx, timeout=sink_timeout)
-    app = create_app(sinks=[sink], policy=fast_policy(write_timeout=write_timeout))
+    app = create_app(sinks=[sink], **fast_policy(write_timeout=write_timeout))
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     answers: list[Any] = []
@@ -228,7 +228,7 @@ async def test_4_server_errors_then_success_backoff_and_delivery(
     policy = fast_policy(
         flush_interval=30.0, batch_size=20, retry_base_delay=0.05, retry_max_delay=0.4
     )
-    app = create_app(sinks=[fake_sink(fake_influx)], policy=policy)
+    app = create_app(sinks=[fake_sink(fake_influx)], **policy)
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     with capture_logs() as logs:
@@ -260,7 +260,7 @@ async def test_4_retry_budget_exhausted_is_counted_then_later_batches_flow(
         retry_base_delay=0.01,
         retry_max_delay=0.02,
     )
-    app = create_app(sinks=[fake_sink(fake_influx)], policy=policy)
+    app = create_app(sinks=[fake_sink(fake_influx)], **policy)
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     with capture_logs() as logs:
@@ -307,7 +307,7 @@ async def test_5_429_retry_after(
         retry_base_delay=0.01,
         retry_max_delay=retry_max_delay,
     )
-    app = create_app(sinks=[fake_sink(fake_influx)], policy=policy)
+    app = create_app(sinks=[fake_sink(fake_influx)], **policy)
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     answers = await drive(client, 10, monitoring=monitoring)
@@ -334,7 +334,7 @@ async def test_6_partial_write_mixed_batch_rejected_good_points_stored(
     assert status == 204, body
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db)],
-        policy=fast_policy(flush_interval=30.0, batch_size=1000),
+        **fast_policy(flush_interval=30.0, batch_size=1000),
     )
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
@@ -382,7 +382,7 @@ async def test_7_unauthorized_forbidden_not_found_logged_once_no_hot_loop(
         options = {"create_database": False}
         text = "database not found"
     sink = CountingInfluxDBSink(server.host, server.port, db, **options)
-    app = create_app(sinks=[sink], policy=fast_policy(batch_size=5))
+    app = create_app(sinks=[sink], **fast_policy(batch_size=5))
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     with capture_logs() as logs:
@@ -406,7 +406,7 @@ async def test_7_attempts_counted_at_the_server_for_401(
 ) -> None:
     fake_influx.default = FakeResponse(401, '{"error":"authorization failed"}')
     sink = fake_sink(fake_influx, username="luna", password="not-the-pw")
-    app = create_app(sinks=[sink], policy=fast_policy(flush_interval=30.0, batch_size=5))
+    app = create_app(sinks=[sink], **fast_policy(flush_interval=30.0, batch_size=5))
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     answers = await drive(client, 25, concurrency=1, monitoring=monitoring)
@@ -427,7 +427,7 @@ async def test_7_database_dropped_mid_run_is_created_again(
     aiohttp_client: ClientFactory, influxd: InfluxServer
 ) -> None:
     db = new_db()
-    app = create_app(sinks=[InfluxDBSink(influxd.host, influxd.port, db)], policy=fast_policy())
+    app = create_app(sinks=[InfluxDBSink(influxd.host, influxd.port, db)], **fast_policy())
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     first = await drive(client, 10, monitoring=monitoring)
@@ -446,7 +446,7 @@ async def test_8_body_too_large_split_in_halves_single_oversized_point_dropped(
     server, db = influxd_small_body, new_db()
     app = create_app(
         sinks=[InfluxDBSink(server.host, server.port, db)],
-        policy=fast_policy(flush_interval=30.0, batch_size=64),
+        **fast_policy(flush_interval=30.0, batch_size=64),
     )
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
@@ -478,7 +478,7 @@ async def test_9_unreachable_sink_is_transient_and_the_service_unaffected(
         host, port = "no-such-host.invalid", 8086
     app = create_app(
         sinks=[InfluxDBSink(host, port, "db", timeout=2.0)],
-        policy=fast_policy(shutdown_timeout=0.3),
+        **fast_policy(shutdown_timeout=0.3),
     )
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
@@ -502,7 +502,7 @@ async def test_9_sink_down_under_sustained_traffic_retries_follow_the_backoff(
         batch_size=10, retry_base_delay=0.05, retry_max_delay=0.2, shutdown_timeout=0.2
     )
     sink = CountingInfluxDBSink("127.0.0.1", free_port(), "db", timeout=1.0)
-    app = create_app(sinks=[sink], policy=policy)
+    app = create_app(sinks=[sink], **policy)
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     answers: list[Any] = []
@@ -524,7 +524,7 @@ async def test_9_long_outage_beyond_1024_attempts_then_recovery(
     server.kill()
     db = new_db()
     policy = fast_policy(max_retries=100_000, retry_base_delay=0.0005, retry_max_delay=0.0005)
-    app = create_app(sinks=[InfluxDBSink(server.host, server.port, db, timeout=1.0)], policy=policy)
+    app = create_app(sinks=[InfluxDBSink(server.host, server.port, db, timeout=1.0)], **policy)
     monitoring = app[MONITORING_KEY]
     client = TestClient(TestServer(app))  # not the fixture: its teardown would close again
     await client.start_server()
@@ -557,7 +557,7 @@ async def test_10_graceful_shutdown_with_the_sink_up_drains_everything(
     db = new_db()
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db)],
-        policy=fast_policy(flush_interval=30.0, batch_size=1000, buffer_size=5000),
+        **fast_policy(flush_interval=30.0, batch_size=1000, buffer_size=5000),
     )
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
@@ -580,7 +580,7 @@ async def test_11_graceful_shutdown_with_the_sink_down_respects_the_deadline(
     else:
         sink = CountingInfluxDBSink("127.0.0.1", free_port(), "db", create_database=False)
     shutdown_timeout = 0.5
-    app = create_app(sinks=[sink], policy=fast_policy(shutdown_timeout=shutdown_timeout))
+    app = create_app(sinks=[sink], **fast_policy(shutdown_timeout=shutdown_timeout))
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     answers = await drive(client, 30, monitoring=monitoring)
@@ -601,7 +601,7 @@ async def test_11_graceful_shutdown_with_the_sink_down_respects_the_deadline(
 async def test_12_emit_after_close_is_counted_never_raises(
     aiohttp_client: ClientFactory, fake_influx: FakeInfluxServer
 ) -> None:
-    app = create_app(sinks=[fake_sink(fake_influx)], policy=fast_policy())
+    app = create_app(sinks=[fake_sink(fake_influx)], **fast_policy())
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     answers = await drive(client, 5)
@@ -647,7 +647,7 @@ async def test_13_client_disconnect_recorded_once_as_499(
     aiohttp_client: ClientFactory, influxd: InfluxServer
 ) -> None:
     db = new_db()
-    app = create_app(sinks=[InfluxDBSink(influxd.host, influxd.port, db)], policy=fast_policy())
+    app = create_app(sinks=[InfluxDBSink(influxd.host, influxd.port, db)], **fast_policy())
     monitoring = app[MONITORING_KEY]
     outer_seen, inner_seen = spy_middlewares(app)
     client = await aiohttp_client(app)  # the test server cancels handlers of vanished clients
@@ -673,7 +673,7 @@ async def test_14_handler_raises_same_exception_and_points_recorded(
     aiohttp_client: ClientFactory, influxd: InfluxServer, fail: str, error_code: str
 ) -> None:
     db = new_db()
-    app = create_app(sinks=[InfluxDBSink(influxd.host, influxd.port, db)], policy=fast_policy())
+    app = create_app(sinks=[InfluxDBSink(influxd.host, influxd.port, db)], **fast_policy())
     monitoring = app[MONITORING_KEY]
     outer_seen, inner_seen = spy_middlewares(app)
     client = await aiohttp_client(app)
@@ -742,7 +742,7 @@ async def test_15_raising_sink_plugin_and_error_code_getter_alongside_a_healthy_
 
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db), PluginSink(plugin), raising],
-        policy=fast_policy(),
+        **fast_policy(),
         error_code=broken_error_code,
     )
     monitoring = app[MONITORING_KEY]
@@ -796,7 +796,7 @@ async def test_15_encoder_raising_loses_only_its_batch(
     monkeypatch.setattr(lunamon.point, "_encode", fragile_encode)
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db), MemorySink()],
-        policy=fast_policy(flush_interval=30.0, batch_size=1),
+        **fast_policy(flush_interval=30.0, batch_size=1),
     )
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
@@ -935,7 +935,7 @@ def test_16_built_before_the_loop_then_served_in_process_by_asyncio_run(
     memory = MemorySink()
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db), memory],
-        policy=FlushPolicy(flush_interval=30.0),
+        flush_interval=30.0,
     )
     monitoring = app[MONITORING_KEY]
     monitoring.emit(Point("startup", time.time_ns(), {"k": "v"}, {"f": 1.0}))  # no loop yet

@@ -6,12 +6,13 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from lunamon import BatchTooLarge, FlushPolicy, MemorySink, Point, SinkError
-from lunamon.flusher import Flusher, SinkStats
+from lunamon import BatchTooLarge, MemorySink, MonitoringSettings, Point, SinkError
+from lunamon.flusher import Flusher, FlushPolicy, SinkStats
 
 
 def point(i: int) -> Point:
@@ -51,7 +52,12 @@ class ScriptedSink:
         return [p.time_ns for batch in self.batches for p in batch]
 
 
-FAST = FlushPolicy(
+def make_policy(**settings: Any) -> FlushPolicy:
+    """The flusher's policy from settings: the defaults and checks are the settings'."""
+    return MonitoringSettings(**settings).flush_policy()
+
+
+FAST = make_policy(
     flush_interval=30.0, batch_size=10, buffer_size=100, retry_base_delay=0.01, retry_max_delay=0.05
 )
 
@@ -78,7 +84,7 @@ async def test_batch_size_triggers_a_write_before_the_interval() -> None:
 
 async def test_flush_interval_triggers_a_write() -> None:
     sink = ScriptedSink()
-    flusher = Flusher([sink], FlushPolicy(flush_interval=0.05, batch_size=1000, buffer_size=1000))
+    flusher = Flusher([sink], make_policy(flush_interval=0.05, batch_size=1000, buffer_size=1000))
     await flusher.start()
     for i in range(3):
         flusher.emit(point(i))
@@ -88,7 +94,7 @@ async def test_flush_interval_triggers_a_write() -> None:
 
 async def test_overflow_drops_the_oldest_and_counts_exactly() -> None:
     sink = ScriptedSink([ConnectionError("down")] * 1000)
-    flusher = Flusher([sink], FlushPolicy(batch_size=10, buffer_size=50, max_retries=1000))
+    flusher = Flusher([sink], make_policy(batch_size=10, buffer_size=50, max_retries=1000))
     for i in range(120):
         flusher.emit(point(i))
     stats = flusher.stats()["scripted"]
@@ -105,7 +111,7 @@ async def test_overflow_drops_the_oldest_and_counts_exactly() -> None:
 async def test_buffer_bound_includes_the_batch_in_flight() -> None:
     sink = ScriptedSink([ConnectionError("down")] * 1000)
     flusher = Flusher(
-        [sink], FlushPolicy(batch_size=10, buffer_size=30, max_retries=1000, shutdown_timeout=0.1)
+        [sink], make_policy(batch_size=10, buffer_size=30, max_retries=1000, shutdown_timeout=0.1)
     )
     for i in range(10):
         flusher.emit(point(i))
@@ -127,7 +133,7 @@ async def test_retryable_errors_are_retried_with_backoff_then_delivered() -> Non
     ]
     sink = ScriptedSink(errors)
     flusher = Flusher(
-        [sink], FlushPolicy(flush_interval=0.02, batch_size=10, retry_base_delay=0.01)
+        [sink], make_policy(flush_interval=0.02, batch_size=10, retry_base_delay=0.01)
     )
     await flusher.start()
     for i in range(5):
@@ -141,7 +147,7 @@ async def test_retryable_errors_are_retried_with_backoff_then_delivered() -> Non
 
 
 async def test_retry_after_is_honoured_and_capped() -> None:
-    flusher = Flusher([ScriptedSink()], FlushPolicy(retry_base_delay=0.5, retry_max_delay=30.0))
+    flusher = Flusher([ScriptedSink()], make_policy(retry_base_delay=0.5, retry_max_delay=30.0))
     channel = flusher._channels[0]
     channel.attempts = 1
     channel.retry_after = 7.0
@@ -163,7 +169,7 @@ async def test_retry_after_is_honoured_and_capped() -> None:
 
 async def test_retry_budget_exhausted_is_counted() -> None:
     sink = ScriptedSink([SinkError("500", retryable=True, status=500)] * 10)
-    policy = FlushPolicy(batch_size=10, max_retries=2, retry_base_delay=0.01, retry_max_delay=0.01)
+    policy = make_policy(batch_size=10, max_retries=2, retry_base_delay=0.01, retry_max_delay=0.01)
     flusher = Flusher([sink], policy)
     for i in range(4):
         flusher.emit(point(i))
@@ -186,7 +192,7 @@ async def test_non_retryable_errors_are_rejected_logged_once_not_retried(status:
     sink = ScriptedSink(
         [SinkError("no", retryable=False, status=status, server_text="x" * 5000)] * 3
     )
-    flusher = Flusher([sink], FlushPolicy(batch_size=2, buffer_size=10))
+    flusher = Flusher([sink], make_policy(batch_size=2, buffer_size=10))
     for i in range(6):
         flusher.emit(point(i))
     with capture_logs() as logs:
@@ -211,7 +217,7 @@ async def test_too_large_batches_are_split_and_a_single_point_dropped() -> None:
             self.batches.append(list(points))
 
     sink = SizeLimitedSink()
-    flusher = Flusher([sink], FlushPolicy(batch_size=16, buffer_size=100))
+    flusher = Flusher([sink], make_policy(batch_size=16, buffer_size=100))
     for i in range(16):
         flusher.emit(point(i))
     await flusher.flush()
@@ -228,7 +234,7 @@ async def test_a_raising_sink_is_counted_and_does_not_hold_back_another() -> Non
             raise ZeroDivisionError("plugin bug")
 
     good, bad = MemorySink(), Broken(name="broken")
-    flusher = Flusher([good, bad], FlushPolicy(batch_size=5))
+    flusher = Flusher([good, bad], make_policy(batch_size=5))
     for i in range(12):
         flusher.emit(point(i))
     await flusher.flush()
@@ -251,7 +257,7 @@ async def test_a_slow_sink_does_not_hold_back_another() -> None:
             await release.wait()
 
     good, hung = MemorySink(), Hung(name="hung")
-    flusher = Flusher([good, hung], FlushPolicy(flush_interval=0.02, batch_size=5))
+    flusher = Flusher([good, hung], make_policy(flush_interval=0.02, batch_size=5))
     await flusher.start()
     for i in range(7):
         flusher.emit(point(i))
@@ -263,7 +269,7 @@ async def test_a_slow_sink_does_not_hold_back_another() -> None:
 
 async def test_close_drains_with_the_sink_up() -> None:
     sink = ScriptedSink()
-    flusher = Flusher([sink], FlushPolicy(batch_size=10, buffer_size=1000))
+    flusher = Flusher([sink], make_policy(batch_size=10, buffer_size=1000))
     await flusher.start()
     for i in range(95):
         flusher.emit(point(i))
@@ -277,7 +283,7 @@ async def test_close_drains_with_the_sink_up() -> None:
 
 async def test_close_with_the_sink_down_respects_the_deadline_and_counts_shutdown() -> None:
     sink = ScriptedSink([ConnectionError("down")] * 10_000)
-    policy = FlushPolicy(batch_size=10, shutdown_timeout=0.3, retry_base_delay=0.01)
+    policy = make_policy(batch_size=10, shutdown_timeout=0.3, retry_base_delay=0.01)
     flusher = Flusher([sink], policy)
     await flusher.start()
     for i in range(25):
@@ -298,7 +304,7 @@ async def test_close_with_a_hung_sink_respects_the_deadline() -> None:
         async def write(self, points: Sequence[Point]) -> None:
             await asyncio.Event().wait()
 
-    flusher = Flusher([Hung()], FlushPolicy(shutdown_timeout=0.2))
+    flusher = Flusher([Hung()], make_policy(shutdown_timeout=0.2))
     await flusher.start()
     flusher.emit(point(1))
     started = time.monotonic()
@@ -309,7 +315,7 @@ async def test_close_with_a_hung_sink_respects_the_deadline() -> None:
 
 async def test_emit_after_close_is_counted_and_never_raises() -> None:
     sink = ScriptedSink()
-    flusher = Flusher([sink])
+    flusher = Flusher([sink], make_policy())
     await flusher.close()
     flusher.emit(point(1))
     await flusher.flush()
@@ -320,13 +326,13 @@ async def test_emit_after_close_is_counted_and_never_raises() -> None:
 
 
 async def test_repeated_sink_names_are_numbered() -> None:
-    flusher = Flusher([MemorySink(), MemorySink(), ScriptedSink(), MemorySink()])
+    flusher = Flusher([MemorySink(), MemorySink(), ScriptedSink(), MemorySink()], make_policy())
     assert list(flusher.stats()) == ["memory", "memory#2", "scripted", "memory#3"]
 
 
 def test_emit_before_any_loop_exists_then_run() -> None:
     sink = MemorySink()
-    flusher = Flusher([sink])
+    flusher = Flusher([sink], make_policy())
     flusher.emit(point(1))  # no event loop yet: buffered
 
     async def main() -> None:
@@ -350,7 +356,7 @@ def test_emit_before_any_loop_exists_then_run() -> None:
 )
 def test_bad_policy_is_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - message per rule
-        FlushPolicy(**kwargs)  # type: ignore[arg-type]
+        make_policy(**kwargs)
 
 
 async def test_close_waits_for_a_write_in_flight_instead_of_sending_it_twice() -> None:
@@ -367,7 +373,7 @@ async def test_close_waits_for_a_write_in_flight_instead_of_sending_it_twice() -
 
     started, release = threading.Event(), threading.Event()
     sink = ThreadSink()
-    flusher = Flusher([sink], FlushPolicy(flush_interval=0.01, shutdown_timeout=5.0))
+    flusher = Flusher([sink], make_policy(flush_interval=0.01, shutdown_timeout=5.0))
     await flusher.start()
     for i in range(10):
         flusher.emit(point(i))

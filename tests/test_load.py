@@ -30,9 +30,9 @@ from aiohttp import web
 from servers import FakeInfluxServer, InfluxServer, free_port
 from structlog.testing import capture_logs
 
-from lunamon import MONITORING_KEY, FlushPolicy, Point
+from lunamon import MONITORING_KEY, Point
 from lunamon.demo.service import create_app
-from lunamon.point import parse_line_protocol
+from lunamon.lineprotocol import parse_line_protocol
 from lunamon.sinks.base import Sink
 from lunamon.sinks.influxdb import InfluxDBSink
 
@@ -90,7 +90,7 @@ class Run:
         )
 
 
-async def run_load(sinks: list[Sink], policy: FlushPolicy) -> Run:
+async def run_load(sinks: list[Sink], policy: dict[str, Any]) -> Run:
     """Serve the demo service with ``sinks`` under the load client, then shut it down."""
     with capture_logs() as logs:
         run = await _run_load(sinks, policy)
@@ -98,10 +98,10 @@ async def run_load(sinks: list[Sink], policy: FlushPolicy) -> Run:
     return run
 
 
-async def _run_load(sinks: list[Sink], policy: FlushPolicy) -> Run:
+async def _run_load(sinks: list[Sink], policy: dict[str, Any]) -> Run:
     run = Run(rss_before=rss_mb())
     run.rss_max = run.rss_before
-    app = create_app(sinks=sinks, policy=policy)
+    app = create_app(sinks=sinks, **policy)
     monitoring = app[MONITORING_KEY]
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -160,9 +160,12 @@ def assert_every_request_answered(run: Run, sink: str) -> None:
 @pytest.mark.slow
 async def test_17_sustained_load_with_the_sink_down() -> None:
     bound = 5_000
-    policy = FlushPolicy(
-        buffer_size=bound, max_retries=10**6, retry_max_delay=1.0, shutdown_timeout=0.5
-    )
+    policy = {
+        "buffer_size": bound,
+        "max_retries": 10**6,
+        "retry_max_delay": 1.0,
+        "shutdown_timeout": 0.5,
+    }
     run = await run_load([InfluxDBSink("127.0.0.1", free_port(), "db", timeout=1.0)], policy)
     print(run.figures("sink down", "influxdb"))
     assert_every_request_answered(run, "influxdb")
@@ -207,7 +210,7 @@ async def slow_sink() -> AsyncIterator[SlowSink]:
 @pytest.mark.slow
 async def test_18_sustained_load_with_a_slow_sink_loop_lag(slow_sink: SlowSink) -> None:
     sink = InfluxDBSink("127.0.0.1", slow_sink.port, "db", create_database=False)
-    run = await run_load([sink], FlushPolicy())
+    run = await run_load([sink], {})
     print(run.figures("sink slow (200 ms/write)", "influxdb"))
     assert_every_request_answered(run, "influxdb")
     final = run.final_stats["influxdb"]
@@ -219,7 +222,7 @@ async def test_18_sustained_load_with_a_slow_sink_loop_lag(slow_sink: SlowSink) 
 @pytest.mark.slow
 async def test_17_18_sustained_load_with_the_sink_up(influxd: InfluxServer) -> None:
     db = new_db()
-    run = await run_load([InfluxDBSink(influxd.host, influxd.port, db)], FlushPolicy())
+    run = await run_load([InfluxDBSink(influxd.host, influxd.port, db)], {})
     print(run.figures("sink up (influxd)", "influxdb"))
     assert_every_request_answered(run, "influxdb")
     final = run.final_stats["influxdb"]
@@ -243,8 +246,8 @@ async def test_19_flush_at_batch_size_or_interval_whichever_first(
 
     # batch_size first: the interval (30 s) never elapses during the test
     sink = InfluxDBSink(fake_influx.host, fake_influx.port, "db", create_database=False)
-    policy = FlushPolicy(flush_interval=30.0, batch_size=50, buffer_size=1000)
-    app = create_app(sinks=[sink], policy=policy)
+    policy = {"flush_interval": 30.0, "batch_size": 50, "buffer_size": 1000}
+    app = create_app(sinks=[sink], **policy)
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)
     answers = await drive(client, 120, concurrency=1, monitoring=monitoring)
@@ -261,7 +264,8 @@ async def test_19_flush_at_batch_size_or_interval_whichever_first(
     started = time.monotonic()
     app = create_app(
         sinks=[InfluxDBSink(fake_influx.host, fake_influx.port, "db", create_database=False)],
-        policy=FlushPolicy(flush_interval=0.3, batch_size=1000),
+        flush_interval=0.3,
+        batch_size=1000,
     )
     monitoring = app[MONITORING_KEY]
     client = await aiohttp_client(app)

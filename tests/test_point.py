@@ -9,14 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lunamon.point import (
-    Point,
-    encode_lines,
-    encode_lines_async,
-    omitted_counts,
-    parse_line_protocol,
-    sanitize_tag_value,
-)
+from lunamon._validation import omitted_counts, sanitize_tag_value
+from lunamon.lineprotocol import parse_line_protocol
+from lunamon.point import Point, encode_lines, encode_lines_async
 
 
 def test_point_is_frozen_and_slotted() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from lunamon.errors import SettingsError
 from lunamon.point import Point
-from lunamon.settings import SettingsError
 from lunamon.sinks.base import Sink
 from lunamon.sinks.memory import MemorySink
 from lunamon.sinks.registry import (

@@ -16,15 +16,9 @@ import structlog
 from structlog.testing import capture_logs
 from structlog.tracebacks import ExceptionDictTransformer
 
-from lunamon.settings import (
-    DEFAULT_FAILED_STATUS_CODES,
-    MonitoringSettings,
-    SettingsError,
-    SinkSettings,
-    is_secret_key,
-    mask_secrets,
-    redact_secrets,
-)
+from lunamon._secrets import is_secret_key, mask_secrets, redact_secrets
+from lunamon.errors import SettingsError
+from lunamon.settings import DEFAULT_FAILED_STATUS_CODES, MonitoringSettings, SinkSettings
 from lunamon.sinks.memory import MemorySink
 
 # The DESIGN.md section 2 example, plus every other setting and a second sink.

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lunamon.point import Point, parse_line_protocol
-from lunamon.sinks.base import SinkError
+from lunamon.errors import SinkError
+from lunamon.lineprotocol import parse_line_protocol
+from lunamon.point import Point
 from lunamon.sinks.file import LineProtocolFileSink
 
 T0 = 1_700_000_000_000_000_000

@@ -12,18 +12,18 @@ from typing import Any
 import pytest
 from servers import HANG, FakeInfluxServer, FakeResponse, TlsFiles
 
-from lunamon.point import Point, parse_line_protocol
+from lunamon._secrets import Secret, redact
+from lunamon.errors import BatchTooLarge, SinkError
+from lunamon.lineprotocol import parse_line_protocol
+from lunamon.point import Point
 from lunamon.sinks._http import (
-    Secret,
     classify_exception,
     classify_response,
     error_text,
     is_loopback,
     make_ssl_context,
     parse_retry_after,
-    redact,
 )
-from lunamon.sinks.base import BatchTooLarge, SinkError
 from lunamon.sinks.influxdb import InfluxDBSink
 from lunamon.sinks.influxdb_v2 import InfluxDBV2Sink
 

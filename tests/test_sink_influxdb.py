@@ -13,9 +13,10 @@ import pytest
 from servers import InfluxServer, VictoriaMetricsServer, free_port
 from structlog.testing import capture_logs
 
-from lunamon.point import INT64_MAX, INT64_MIN, Point, encode_lines
-from lunamon.sinks._http import Secret
-from lunamon.sinks.base import BatchTooLarge, SinkError
+from lunamon._secrets import Secret
+from lunamon._validation import INT64_MAX, INT64_MIN
+from lunamon.errors import BatchTooLarge, SinkError
+from lunamon.point import Point, encode_lines
 from lunamon.sinks.influxdb import InfluxDBSink
 
 T0 = 1_700_000_000_123_456_789  # ns precision must survive

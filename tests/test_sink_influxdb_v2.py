@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from servers import FakeInfluxServer, FakeResponse, VictoriaMetricsServer, free_port
 
-from lunamon.point import Point, parse_line_protocol
-from lunamon.sinks.base import SinkError
+from lunamon.errors import SinkError
+from lunamon.lineprotocol import parse_line_protocol
+from lunamon.point import Point
 from lunamon.sinks.influxdb_v2 import InfluxDBV2Sink
 
 TOKEN = "t0ken-Sup3r-s3cret-v2"

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from lunamon.errors import SinkError
 from lunamon.point import Point
-from lunamon.sinks.base import SinkError
 from lunamon.sinks.plugin import BaseRequestMonitoringPlugin, PluginSink
 
 POINTS = [Point("request", 1_000 + i, {"route": "GET:/"}, {"n": i}) for i in range(5)]

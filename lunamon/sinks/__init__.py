@@ -1,6 +1,1 @@
-"""Sinks: where finished points go."""
-
-from lunamon.sinks.base import BatchTooLarge, Sink, SinkError, sink_name
-from lunamon.sinks.memory import MemorySink
-
-__all__ = ["BatchTooLarge", "MemorySink", "Sink", "SinkError", "sink_name"]
+"""Sinks: where finished points go. One module per sink; all are exported by ``lunamon``."""

@@ -1,6 +1,6 @@
-"""What the HTTP sinks share: error classification, ``Retry-After``, TLS and secrets.
+"""What the HTTP sinks share: :class:`HTTPSink`, error classification, ``Retry-After``, TLS.
 
-Every failed write becomes one :class:`~lunamon.sinks.base.SinkError` that says
+Every failed write becomes one :class:`~lunamon.errors.SinkError` that says
 whether the flusher may retry it (RELIABILITY.md, "InfluxDB 1.x behaviour"), with
 the server's text truncated to 1 KB and no credential anywhere in it.
 """
@@ -16,7 +16,7 @@ import json
 import re
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timezone
 from typing import Final
 
@@ -24,66 +24,16 @@ import aiohttp
 from yarl import URL
 
 from lunamon._log import logger
-from lunamon.sinks.base import MAX_SERVER_TEXT, BatchTooLarge, SinkError
-
-__all__ = [
-    "Secret",
-    "SinkSession",
-    "classify_exception",
-    "classify_response",
-    "compress",
-    "error_text",
-    "is_loopback",
-    "make_ssl_context",
-    "new_session",
-    "parse_retry_after",
-    "post_lines",
-    "read_error_body",
-    "redact",
-    "refuse_plain_credentials",
-    "truncate",
-]
+from lunamon._secrets import Secret, redact
+from lunamon.errors import MAX_SERVER_TEXT, BatchTooLarge, SinkError
+from lunamon.point import Point, encode_lines_async
 
 # Bodies up to this size are gzipped on the loop; bigger ones in a worker thread.
 _INLINE_GZIP_BYTES: Final = 64 * 1024
-_MIN_REDACTED: Final = 4
 # delay-seconds (RFC 9110 allows digits only; a sign or fraction is tolerated).
 _SECONDS: Final = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 # How much of an error body is read: InfluxDB echoes whole offending lines.
 _ERROR_BODY_BYTES: Final = 8 * MAX_SERVER_TEXT
-
-
-class Secret:
-    """A password or token that shows as ``'***'`` in ``repr``, ``str`` and ``vars()`` dumps."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    __str__ = __repr__
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-
-def redact(text: str, secrets: Iterable[str | Secret | None]) -> str:
-    """``text`` with every secret replaced by ``***``.
-
-    Secrets shorter than 4 characters are left alone: they would match
-    everywhere and turn every message into noise without hiding anything.
-    """
-    for secret in secrets:
-        value = secret.reveal() if isinstance(secret, Secret) else secret
-        if value and len(value) >= _MIN_REDACTED and value in text:
-            text = text.replace(value, "***")
-    return text
 
 
 def truncate(text: str, limit: int = MAX_SERVER_TEXT) -> str:
@@ -254,7 +204,7 @@ def new_session(timeout: float, ssl_context: ssl.SSLContext | None) -> aiohttp.C
     )
 
 
-async def post_lines(
+async def post_body(
     session: aiohttp.ClientSession,
     url: URL,
     body: bytes,
@@ -263,13 +213,14 @@ async def post_lines(
     gzipped: bool,
     what: str,
     secrets: Iterable[str | Secret | None] = (),
+    content_type: str = "text/plain; charset=utf-8",
 ) -> None:
-    """POST a line-protocol body; return on 2xx, else raise the classified :class:`SinkError`.
+    """POST a body; return on 2xx, else raise the classified :class:`SinkError`.
 
     Redirects are not followed: a write endpoint that redirects is a
     configuration error, and following one could send the credentials elsewhere.
     """
-    headers = {"Content-Type": "text/plain; charset=utf-8"}
+    headers = {"Content-Type": content_type}
     if authorization is not None:
         headers["Authorization"] = authorization.reveal()
     if gzipped:
@@ -365,3 +316,81 @@ class SinkSession:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+class HTTPSink:
+    """The base of the sinks that POST batches over HTTP (InfluxDB 1.x, the v2 API).
+
+    A subclass sets the URL, credentials and TLS in ``__init__`` through
+    :meth:`_configure`; ``write`` then encodes the batch off the hot path
+    (:meth:`encode`: line protocol unless overridden), gzips it when asked, and
+    sends it (:meth:`send`), every failure raised as a classified :class:`SinkError`.
+    """
+
+    name: str
+    url: str
+    gzip: bool
+    content_type = "text/plain; charset=utf-8"
+
+    def _configure(
+        self,
+        *,
+        write_url: URL,
+        what: str,
+        timeout: float,
+        tls: bool,
+        verify_ssl: bool,
+        ca_file: str | None,
+        authorization: Secret | None,
+        secrets: tuple[Secret | None, ...],
+        plain_credentials: bool,
+    ) -> None:
+        self._write_url = write_url
+        self._what = what
+        self._authorization = authorization
+        self._secrets = secrets
+        self._http = SinkSession(
+            what=what,
+            name=self.name,
+            url=self.url,
+            timeout=timeout,
+            tls=tls,
+            verify_ssl=verify_ssl,
+            ca_file=ca_file,
+            plain_credentials=plain_credentials,
+        )
+
+    async def start(self) -> None:
+        """Open the HTTP session (no request is made: a down server is found at the write)."""
+        self._http.start()
+
+    async def write(self, points: Sequence[Point]) -> None:
+        """Write one batch; raise a classified :class:`SinkError` when it is not stored."""
+        if not points:
+            return
+        self._http.open()  # a closed sink fails here, before any work
+        body = await self.encode(points if isinstance(points, list) else list(points))
+        if self.gzip:
+            body = await compress(body)
+        await self.send(body)
+
+    async def encode(self, batch: list[Point]) -> bytes:
+        """The request body for ``batch``, yielding to the loop between chunks."""
+        return await encode_lines_async(batch)
+
+    async def send(self, body: bytes) -> None:
+        """POST an encoded (and maybe gzipped) batch to the write URL."""
+        await post_body(
+            self._http.open(),
+            self._write_url,
+            body,
+            authorization=self._authorization,
+            gzipped=self.gzip,
+            what=self._what,
+            secrets=self._secrets,
+            content_type=self.content_type,
+        )
+
+    async def close(self) -> None:
+        """Close the HTTP session; later writes raise a non-retryable :class:`SinkError`."""
+        await self._http.close()

@@ -1,4 +1,4 @@
-"""What a sink is, and the errors that tell the flusher what to do after a failed write."""
+"""What a sink is (its errors are in :mod:`lunamon.errors`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from typing import Protocol, runtime_checkable
 
 from lunamon.point import Point
 
-__all__ = ["BatchTooLarge", "Sink", "SinkError", "sink_name"]
-
-MAX_SERVER_TEXT = 1024
+__all__ = ["Sink", "sink_name"]
 
 
 @runtime_checkable
@@ -26,38 +24,6 @@ class Sink(Protocol):
     async def write(self, points: Sequence[Point]) -> None: ...
 
     async def close(self) -> None: ...
-
-
-class SinkError(Exception):
-    """A failed write, classified: ``retryable`` or not, with the server's text.
-
-    ``retry_after`` (seconds) is the server's ``Retry-After`` when it sent one.
-    The message never holds credentials; ``server_text`` is truncated to 1 KB.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        retryable: bool,
-        status: int | None = None,
-        retry_after: float | None = None,
-        server_text: str = "",
-    ) -> None:
-        if len(server_text) > MAX_SERVER_TEXT:
-            server_text = server_text[:MAX_SERVER_TEXT] + "...(truncated)"
-        super().__init__(message if not server_text else f"{message}: {server_text}")
-        self.retryable = retryable
-        self.status = status
-        self.retry_after = retry_after
-        self.server_text = server_text
-
-
-class BatchTooLarge(SinkError):
-    """The server refused the body as too large (413): the flusher splits the batch."""
-
-    def __init__(self, message: str = "batch too large", *, server_text: str = "") -> None:
-        super().__init__(message, retryable=False, status=413, server_text=server_text)
 
 
 def sink_name(sink: object) -> str:

@@ -9,8 +9,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from lunamon.errors import SinkError
 from lunamon.point import Point, encode_lines_async
-from lunamon.sinks.base import SinkError
 
 __all__ = ["LineProtocolFileSink"]
 
@@ -22,6 +22,10 @@ class LineProtocolFileSink:
     each batch is on disk when :meth:`write` returns; the file is fsync'd on
     :meth:`close` either way. A batch that fails half-way is cut off again, so
     a retried batch never follows a torn line.
+
+    :param path: the file appended to
+    :param fsync: fsync after every batch
+    :param name: the sink's name in ``stats()`` and logs
     """
 
     def __init__(

@@ -18,7 +18,9 @@ aioinflux 0.9.0's ``InfluxDBClient`` (checked against its source):
 
 So :meth:`InfluxDBSink.start` creates one ``aiohttp.ClientSession`` in the
 running loop, with an explicit timeout, and every request carries Basic auth
-in its ``Authorization`` header, never in the URL.
+in its ``Authorization`` header, never in the URL. A service that already holds
+an ``aioinflux.InfluxDBClient`` may pass it as ``client=``: it then carries the
+bodies lunamon encodes (its database, credentials and URL apply; no gzip).
 """
 
 from __future__ import annotations
@@ -26,37 +28,56 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Sequence
+import sys
+from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from lunamon._log import logger
-from lunamon.point import Point, encode_lines_async
+from lunamon._secrets import Secret
+from lunamon.errors import SinkError
 from lunamon.sinks._http import (
-    Secret,
-    SinkSession,
+    HTTPSink,
     classify_exception,
     classify_response,
-    compress,
     error_text,
-    post_lines,
     read_error_body,
     refuse_plain_credentials,
 )
-from lunamon.sinks.base import SinkError
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # pragma: no cover - aiohttp brings async_timeout on 3.10
+    from async_timeout import timeout as _timeout  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["InfluxDBSink"]
 
 
-class InfluxDBSink:
+class InfluxDBSink(HTTPSink):
     """Writes batches to an InfluxDB 1.x database (also VictoriaMetrics' ``/write``).
 
     With ``create_database`` the database is created at :meth:`start` (or, when
     the server is down then, before the first write) and again after a
     ``404 database not found``, after which the batch is retried once.
     Credentials over plain HTTP to another host are refused unless
-    ``allow_plain_credentials`` is set (and then logged as a warning).
+    ``allow_plain_credentials=True``.
+
+    :param host: the server's host name or address
+    :param port: the server's HTTP port
+    :param database: the database written to (LUNA's default ``luna_monitoring``)
+    :param username: user for Basic auth; none sends no credentials
+    :param password: that user's password (a secret: never shown)
+    :param ssl: HTTPS instead of HTTP
+    :param verify_ssl: verify the server's certificate and host name
+    :param timeout: seconds for one HTTP request, connect to answer
+    :param create_database: create the database at start and after a 404
+    :param ca_file: a PEM file of CAs trusted besides the system's
+    :param retention_policy: the retention policy written to (``rp=``)
+    :param gzip: send bodies gzip-compressed
+    :param name: the sink's name in ``stats()`` and logs
+    :param allow_plain_credentials: allow credentials over plain HTTP to another host
+    :param client: an ``aioinflux.InfluxDBClient`` to carry the bodies (code only)
     """
 
     def __init__(
@@ -76,6 +97,7 @@ class InfluxDBSink:
         gzip: bool = False,
         name: str | None = None,
         allow_plain_credentials: bool = False,
+        client: Any = None,
     ) -> None:
         if not host:
             raise ValueError("host must not be empty")
@@ -87,6 +109,10 @@ class InfluxDBSink:
             raise ValueError(f"timeout must be positive, not {timeout!r}")
         if password is not None and not username:
             raise ValueError("a password needs a username")
+        if client is not None and not callable(getattr(client, "write", None)):
+            raise TypeError("client= takes an aioinflux.InfluxDBClient (it has no write())")
+        if client is not None and gzip:
+            raise ValueError("gzip=True needs lunamon's own transport: aioinflux cannot send it")
         plain = refuse_plain_credentials(bool(username), ssl, host, allow_plain_credentials)
         self.name = name or "influxdb"
         self.host = host
@@ -100,27 +126,27 @@ class InfluxDBSink:
         self.create_database = create_database
         self.retention_policy = retention_policy
         self.gzip = gzip
+        self.client = client
         self._password = Secret(password or "")
-        self._authorization: Secret | None = None
+        authorization: Secret | None = None
         if username:
             token = base64.b64encode(f"{username}:{password or ''}".encode()).decode("ascii")
-            self._authorization = Secret(f"Basic {token}")
+            authorization = Secret(f"Basic {token}")
         base = URL.build(scheme="https" if ssl else "http", host=host, port=port)
         self.url = str(base)
         params = {"db": database, "precision": "ns"}
         if retention_policy:
             params["rp"] = retention_policy
-        self._write_url = base.with_path("/write").with_query(params)
         self._query_url = base.with_path("/query")
-        self._what = f"influxdb write to {self.url} db={database}"
-        self._http = SinkSession(
-            what=self._what,
-            name=self.name,
-            url=self.url,
+        self._configure(
+            write_url=base.with_path("/write").with_query(params),
+            what=f"influxdb write to {self.url} db={database}",
             timeout=self.timeout,
             tls=ssl,
             verify_ssl=verify_ssl,
             ca_file=ca_file,
+            authorization=authorization,
+            secrets=(self._password, authorization),
             plain_credentials=plain,
         )
         self._need_database = create_database
@@ -128,16 +154,13 @@ class InfluxDBSink:
 
     def __repr__(self) -> str:
         password = "'***'" if self._password else "None"
+        via = ", client=aioinflux" if self.client is not None else ""
         return (
             f"InfluxDBSink(name={self.name!r}, url={self.url!r}, database={self.database!r},"
-            f" username={self.username!r}, password={password})"
+            f" username={self.username!r}, password={password}{via})"
         )
 
     __str__ = __repr__
-
-    @property
-    def _secrets(self) -> tuple[Secret | None, ...]:
-        return (self._password, self._authorization)
 
     async def start(self) -> None:
         """Open the HTTP session and create the database when configured.
@@ -145,7 +168,7 @@ class InfluxDBSink:
         A server that is down or refuses the creation is logged, not raised:
         the database is created before the first write instead.
         """
-        self._http.start()
+        await super().start()
         if not self._need_database:
             return
         try:
@@ -159,11 +182,8 @@ class InfluxDBSink:
                 will_retry=exc.retryable,
             )
 
-    async def write(self, points: Sequence[Point]) -> None:
-        """Write one batch; raise a classified :class:`SinkError` when it is not stored."""
-        if not points:
-            return
-        session = self._http.open()
+    async def send(self, body: bytes) -> None:
+        """POST the batch, creating the database first (or after a 404) when allowed."""
         tried_create = self._need_database
         if tried_create:
             try:
@@ -173,12 +193,8 @@ class InfluxDBSink:
                     raise
                 # Not allowed to create it (a user without admin rights): write
                 # anyway, the database may well exist.
-        batch = points if isinstance(points, (list, tuple)) else list(points)
-        body = await encode_lines_async(batch)
-        if self.gzip:
-            body = await compress(body)
         try:
-            await self._post(session, body)
+            await self._post(body)
         except SinkError as exc:
             if tried_create or not (self.create_database and _database_not_found(exc)):
                 raise
@@ -188,18 +204,30 @@ class InfluxDBSink:
             except SinkError as create_error:
                 # The server went away meanwhile: retry the batch later; refused: the 404 stands.
                 raise (create_error if create_error.retryable else exc) from None
-            await self._post(session, body)
+            await self._post(body)
 
-    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> None:
-        await post_lines(
-            session,
-            self._write_url,
-            body,
-            authorization=self._authorization,
-            gzipped=self.gzip,
-            what=self._what,
-            secrets=self._secrets,
-        )
+    async def _post(self, body: bytes) -> None:
+        if self.client is None:
+            await super().send(body)
+        else:
+            await self._post_with_client(body)
+
+    async def _post_with_client(self, body: bytes) -> None:
+        """The body through the user's aioinflux client, its errors classified like ours."""
+        try:
+            async with _timeout(self.timeout):
+                await self.client.write(body, db=self.database, rp=self.retention_policy)
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise classify_exception(exc, what=self._what, secrets=self._secrets) from None
+        except Exception as exc:
+            status = getattr(exc, "status", None)
+            if not isinstance(status, int):
+                raise
+            headers = getattr(exc, "headers", None) or {}
+            text = headers.get("X-Influxdb-Error", "") or str(getattr(exc, "reason", "") or "")
+            error = classify_response(status, text, headers, what=self._what, secrets=self._secrets)
+        raise error from None
 
     async def _ensure_database(self) -> None:
         """``CREATE DATABASE`` once; raises the classified :class:`SinkError` on failure.
@@ -219,16 +247,26 @@ class InfluxDBSink:
             self._need_database = False
 
     async def _create_database(self) -> None:
-        session = self._http.open()
         what = f"influxdb create database {self.database!r} at {self.url}"
+        name = self.database.replace("\\", "\\\\").replace('"', '\\"')
+        statement = f'CREATE DATABASE "{name}"'
+        if self.client is not None:
+            try:
+                async with _timeout(self.timeout):
+                    await self.client.query(statement)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise classify_exception(exc, what=what, secrets=self._secrets) from None
+            except Exception as exc:
+                detail = f"{type(exc).__name__}: {exc}"
+                raise SinkError(f"{what} failed", retryable=False, server_text=detail) from None
+            return
+        session = self._http.open()
         headers = {}
         if self._authorization is not None:
             headers["Authorization"] = self._authorization.reveal()
-        name = self.database.replace("\\", "\\\\").replace('"', '\\"')
-        form = {"q": f'CREATE DATABASE "{name}"'}
         try:
             async with session.post(
-                self._query_url, data=form, headers=headers, allow_redirects=False
+                self._query_url, data={"q": statement}, headers=headers, allow_redirects=False
             ) as resp:
                 status, answer_headers = resp.status, resp.headers
                 raw = await (resp.read() if status == 200 else read_error_body(resp))
@@ -245,10 +283,6 @@ class InfluxDBSink:
         statement_error = _statement_error(raw)
         if statement_error:
             raise SinkError(f"{what} failed", retryable=False, server_text=statement_error)
-
-    async def close(self) -> None:
-        """Close the HTTP session; later writes raise a non-retryable :class:`SinkError`."""
-        await self._http.close()
 
 
 def _database_not_found(exc: SinkError) -> bool:

@@ -7,19 +7,13 @@ in an ``Authorization: Token ...`` header.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Final
 
 from yarl import URL
 
-from lunamon.point import Point, encode_lines_async
-from lunamon.sinks._http import (
-    Secret,
-    SinkSession,
-    compress,
-    post_lines,
-    refuse_plain_credentials,
-)
+from lunamon._secrets import Secret
+from lunamon.point import Point
+from lunamon.sinks._http import HTTPSink, refuse_plain_credentials
 
 __all__ = ["InfluxDBV2Sink"]
 
@@ -27,13 +21,25 @@ __all__ = ["InfluxDBV2Sink"]
 _PRECISION_NS: Final = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
 
 
-class InfluxDBV2Sink:
+class InfluxDBV2Sink(HTTPSink):
     """Writes batches to ``{url}/api/v2/write?org=..&bucket=..&precision=..``.
 
     Points carry nanoseconds; another ``precision`` truncates the timestamps
     (two points of one series in the same unit then overwrite each other).
     An empty ``token`` sends no ``Authorization`` header (VictoriaMetrics
     without auth).
+
+    :param url: the server's base URL, ``http://`` or ``https://``
+    :param org: the organisation (may be empty for VictoriaMetrics)
+    :param bucket: the bucket (InfluxDB 3.x: the database) written to
+    :param token: the API token (a secret: never shown); empty sends none
+    :param precision: timestamp unit on the wire: ``ns``, ``us``, ``ms`` or ``s``
+    :param gzip: send bodies gzip-compressed
+    :param timeout: seconds for one HTTP request, connect to answer
+    :param verify_ssl: verify the server's certificate and host name
+    :param ca_file: a PEM file of CAs trusted besides the system's
+    :param name: the sink's name in ``stats()`` and logs
+    :param allow_plain_credentials: allow a token over plain HTTP to another host
     """
 
     def __init__(
@@ -72,25 +78,25 @@ class InfluxDBV2Sink:
         self.verify_ssl = verify_ssl
         self.ca_file = ca_file
         self._token = Secret(token)
-        self._authorization = Secret(f"Token {token}") if token else None
+        authorization = Secret(f"Token {token}") if token else None
         tls = base.scheme == "https"
         plain = refuse_plain_credentials(bool(token), tls, base.host, allow_plain_credentials)
         params = {"bucket": bucket, "precision": precision}
         if org:
             params["org"] = org
         path = base.path.rstrip("/") + "/api/v2/write"
-        self._write_url = base.with_path(path).with_query(params)
-        self._what = f"influxdb v2 write to {self.url} org={org} bucket={bucket}"
-        self._http = SinkSession(
-            what=self._what,
-            name=self.name,
-            url=self.url,
+        self._configure(
+            write_url=base.with_path(path).with_query(params),
+            what=f"influxdb v2 write to {self.url} org={org} bucket={bucket}",
             timeout=self.timeout,
             tls=tls,
             verify_ssl=verify_ssl,
             ca_file=ca_file,
+            authorization=authorization,
+            secrets=(self._token, authorization),
             plain_credentials=plain,
         )
+        self._unit = _PRECISION_NS[precision]
 
     def __repr__(self) -> str:
         token = "'***'" if self._token else "''"
@@ -101,35 +107,11 @@ class InfluxDBV2Sink:
 
     __str__ = __repr__
 
-    async def start(self) -> None:
-        """Open the HTTP session (no request is made: a down server is found at the write)."""
-        self._http.start()
-
-    async def write(self, points: Sequence[Point]) -> None:
-        """Write one batch; raise a classified :class:`SinkError` when it is not stored."""
-        if not points:
-            return
-        session = self._http.open()
-        batch = points if isinstance(points, (list, tuple)) else list(points)
-        unit = _PRECISION_NS[self.precision]
-        if unit != 1:
-            batch = [_rescaled(p, unit) for p in batch]
-        body = await encode_lines_async(batch)
-        if self.gzip:
-            body = await compress(body)
-        await post_lines(
-            session,
-            self._write_url,
-            body,
-            authorization=self._authorization,
-            gzipped=self.gzip,
-            what=self._what,
-            secrets=(self._token, self._authorization),
-        )
-
-    async def close(self) -> None:
-        """Close the HTTP session; later writes raise a non-retryable :class:`SinkError`."""
-        await self._http.close()
+    async def encode(self, batch: list[Point]) -> bytes:
+        """Line protocol, with the timestamps in ``precision`` units."""
+        if self._unit != 1:
+            batch = [_rescaled(p, self._unit) for p in batch]
+        return await super().encode(batch)
 
 
 def _rescaled(point: Point, unit: int) -> Point:

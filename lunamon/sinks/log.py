@@ -18,7 +18,13 @@ _CHUNK: Final = 500
 
 class LogSink:
     """Logs one ``event`` per point at ``level``, with the keys ``series``,
-    ``time_ns``, ``tags`` and ``fields``, to ``logger`` (default: lunamon's)."""
+    ``time_ns``, ``tags`` and ``fields``, to ``logger`` (default: lunamon's).
+
+    :param logger: a structlog (or stdlib-style) logger (code only)
+    :param event: the event name of each log line
+    :param level: ``debug``, ``info``, ``warning``, ``error`` or ``critical``
+    :param name: the sink's name in ``stats()`` and logs
+    """
 
     def __init__(
         self,

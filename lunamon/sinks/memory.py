@@ -10,7 +10,10 @@ __all__ = ["MemorySink"]
 
 
 class MemorySink:
-    """Appends every written point to :attr:`points`."""
+    """Appends every written point to :attr:`points` (tests, the embedded demo).
+
+    :param name: the sink's name in ``stats()`` and logs
+    """
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or "memory"

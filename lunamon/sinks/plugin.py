@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lunamon._log import logger as _lunamon_logger
+from lunamon.errors import SinkError
 from lunamon.point import Point
-from lunamon.sinks.base import SinkError
 
 __all__ = ["BaseRequestMonitoringPlugin", "PluginSink"]
 

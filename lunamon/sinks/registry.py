@@ -19,7 +19,8 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from lunamon._log import logger
-from lunamon.settings import SettingsError, SinkOptions, redact_secrets
+from lunamon._secrets import SinkOptions, redact_secrets
+from lunamon.errors import SettingsError
 from lunamon.sinks.base import Sink, sink_name
 
 __all__ = [

@@ -1,0 +1,67 @@
+"""Every exception lunamon raises on purpose, in one place.
+
+- :class:`SettingsError`: a configuration value refused (file, ``setup()`` or
+  ``LUNAMON_*``); the message names the source and the key, never a secret.
+- :class:`SinkError` and :class:`BatchTooLarge`: a failed write, classified so
+  that the flusher knows whether to retry, split or drop it.
+- :class:`LineProtocolError`: a line that is not valid line protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["BatchTooLarge", "LineProtocolError", "SettingsError", "SinkError"]
+
+# How much of a server's error text is kept: InfluxDB echoes whole offending lines.
+MAX_SERVER_TEXT: Final = 1024
+
+
+class SettingsError(ValueError):
+    """Invalid monitoring settings. The message names the file and the key, never a secret."""
+
+    def __init__(self, problem: str, *, key: str | None = None, source: str | None = None) -> None:
+        self.problem = problem
+        self.key = key
+        self.source = source
+        super().__init__(": ".join(part for part in (source, key, problem) if part))
+
+    def relabel(self, *, key: str | None, source: str | None) -> SettingsError:
+        """The same problem, reported for another key path and source."""
+        return SettingsError(self.problem, key=key, source=source)
+
+
+class SinkError(Exception):
+    """A failed write, classified: ``retryable`` or not, with the server's text.
+
+    ``retry_after`` (seconds) is the server's ``Retry-After`` when it sent one.
+    The message never holds credentials; ``server_text`` is truncated to 1 KB.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        retry_after: float | None = None,
+        server_text: str = "",
+    ) -> None:
+        if len(server_text) > MAX_SERVER_TEXT:
+            server_text = server_text[:MAX_SERVER_TEXT] + "...(truncated)"
+        super().__init__(message if not server_text else f"{message}: {server_text}")
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+        self.server_text = server_text
+
+
+class BatchTooLarge(SinkError):
+    """The server refused the body as too large (413): the flusher splits the batch."""
+
+    def __init__(self, message: str = "batch too large", *, server_text: str = "") -> None:
+        super().__init__(message, retryable=False, status=413, server_text=server_text)
+
+
+class LineProtocolError(ValueError):
+    """A line that is not valid line protocol; says which line and why."""

@@ -1,0 +1,188 @@
+"""One source of options: a value is accepted or refused alike from a file,
+from ``LUNAMON_*`` variables and from ``setup()`` keyword arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+from aiohttp import web
+
+import lunamon
+from lunamon import MonitoringSettings, SettingsError
+from lunamon._reference import example, render
+from lunamon.settings import _SPECS
+
+
+class Case(NamedTuple):
+    name: str
+    toml: str  # the value as a file writes it
+    env: str | None  # as a variable writes it (None: text cannot express it)
+    python: Any  # as setup() takes it
+    expected: Any  # the stored value (for a good case); unused for a bad one
+
+
+GOOD = [
+    Case("enabled", "false", "false", False, False),
+    Case("service", '"luna-events"', "luna-events", "luna-events", "luna-events"),
+    Case("flush_interval", "0.25", "0.25", 0.25, 0.25),
+    Case("batch_size", "7", "7", 7, 7),
+    Case("buffer_size", "70000", "70000", 70000, 70000),
+    Case("shutdown_timeout", "2", "2", 2, 2.0),
+    Case("write_timeout", "3.5", "3.5", 3.5, 3.5),
+    Case("request_id_header", '"X-Request-Id"', "X-Request-Id", "X-Request-Id", "X-Request-Id"),
+    # The first release's setup() kept 'get:/x' as given; a file upper-cased it.
+    Case("exclude", '["get:/x", "GET:/x"]', "get:/x,GET:/x", ["get:/x", "GET:/x"], ("GET:/x",)),
+    Case(
+        "failed_status_codes",
+        '[404, "500-502"]',
+        "404,500-502",
+        [404, "500-502"],
+        frozenset({404, 500, 501, 502}),
+    ),
+    Case("path_tags", '{p = "param"}', "p=param", {"p": "param"}, {"p": "param"}),
+    Case("max_retries", "0", "0", 0, 0),
+    Case("retry_base_delay", "0.1", "0.1", 0.1, 0.1),
+    Case("retry_max_delay", "60", "60", 60, 60.0),
+]
+
+BAD = [
+    Case("enabled", '"yes"', None, "yes", None),
+    Case("service", '"svc\\\\"', "svc\\", "svc\\", None),
+    Case("flush_interval", "-1.5", "-1.5", -1.5, None),
+    Case("batch_size", "0", "0", 0, None),
+    Case("buffer_size", "-3", "-3", -3, None),
+    Case("shutdown_timeout", "0.0", "0.0", 0.0, None),
+    Case("write_timeout", "-2.0", "-2.0", -2.0, None),
+    Case("request_id_header", '"Bad Header"', "Bad Header", "Bad Header", None),
+    Case("exclude", '["get"]', "get", ["get"], None),
+    Case("failed_status_codes", "[700]", "700", [700], None),
+    # The first release's setup() let a path parameter overwrite the service tag.
+    Case("path_tags", '{p = "service"}', "p=service", {"p": "service"}, None),
+    Case("max_retries", "-1", "-1", -1, None),
+    Case("retry_base_delay", "-0.5", "-0.5", -0.5, None),
+    Case("retry_max_delay", "-9.0", "-9.0", -9.0, None),
+]
+
+
+def _from_file(tmp_path: Path, case: Case) -> MonitoringSettings:
+    path = tmp_path / "service.toml"
+    service = "" if case.name == "service" else 'service = "svc"\n'
+    path.write_text(f"[monitoring]\n{service}{case.name} = {case.toml}\n")
+    return MonitoringSettings.load(path, env={})
+
+
+def _from_env(case: Case) -> MonitoringSettings:
+    assert case.env is not None
+    env = {"LUNAMON_SERVICE": "svc", f"LUNAMON_{case.name.upper()}": case.env}
+    return MonitoringSettings.from_env(env)
+
+
+def _from_setup(case: Case) -> MonitoringSettings:
+    options = {"service": "svc", case.name: case.python}
+    return lunamon.setup(web.Application(), sinks=[], **options).settings
+
+
+def test_every_setting_has_a_case() -> None:
+    settable = {name for name in _SPECS if name != "sinks"}
+    assert {c.name for c in GOOD} == settable
+    assert {c.name for c in BAD} == settable
+
+
+@pytest.mark.parametrize("case", GOOD, ids=lambda c: c.name)
+def test_a_good_value_is_taken_alike_three_ways(tmp_path: Path, case: Case) -> None:
+    values = [getattr(_from_file(tmp_path, case), case.name), getattr(_from_setup(case), case.name)]
+    if case.env is not None:
+        values.append(getattr(_from_env(case), case.name))
+    for value in values:
+        assert value == case.expected
+    assert getattr(MonitoringSettings(), case.name) != case.expected  # not the default
+
+
+@pytest.mark.parametrize("case", BAD, ids=lambda c: c.name)
+def test_a_bad_value_is_refused_alike_three_ways(tmp_path: Path, case: Case) -> None:
+    ways: list[Callable[[], MonitoringSettings]] = [
+        lambda: _from_file(tmp_path, case),
+        lambda: _from_setup(case),
+    ]
+    if case.env is not None:
+        ways.append(lambda: _from_env(case))
+    problems = []
+    for way in ways:
+        with pytest.raises(SettingsError) as caught:
+            way()
+        problems.append(caught.value.problem)
+    assert len(set(problems)) == 1, problems
+    # Each says where the value came from.
+    with pytest.raises(SettingsError, match=r"service\.toml: monitoring\."):
+        _from_file(tmp_path, case)
+    with pytest.raises(SettingsError, match=r"^setup\(\): "):
+        _from_setup(case)
+
+
+def test_setup_refuses_an_unknown_option_with_a_hint() -> None:
+    with pytest.raises(SettingsError, match=r"unknown setting \(did you mean 'flush_interval'\?\)"):
+        lunamon.setup(web.Application(), service="svc", sinks=[], flush_intervall=2.0)
+
+
+def test_setup_takes_a_mapping_as_a_file_section() -> None:
+    monitoring = lunamon.setup(
+        web.Application(), settings={"service": "from-mapping", "batch_size": 3}, sinks=[]
+    )
+    assert (monitoring.settings.service, monitoring.settings.batch_size) == ("from-mapping", 3)
+    with pytest.raises(SettingsError, match="batch_size: expected an integer"):
+        lunamon.setup(web.Application(), settings={"service": "x", "batch_size": "3"}, sinks=[])
+
+
+def test_setup_refuses_other_settings_objects_with_what_to_pass() -> None:
+    with pytest.raises(TypeError, match=r"MonitoringSettings.*mapping"):
+        lunamon.setup(web.Application(), settings=["service"], sinks=[])  # type: ignore[arg-type]
+
+
+def test_setup_arguments_win_over_the_settings_they_are_given() -> None:
+    base = MonitoringSettings(service="a", batch_size=10, buffer_size=10)
+    monitoring = lunamon.setup(web.Application(), settings=base, sinks=[], batch_size=5)
+    assert (monitoring.settings.service, monitoring.settings.batch_size) == ("a", 5)
+    assert monitoring.policy.batch_size == 5  # the flusher runs on the same values
+
+
+def test_unknown_variable_is_warned_with_a_suggestion() -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        settings = MonitoringSettings.from_env({"LUNAMON_FLUSH_INTERVALL": "9"})
+    assert settings.flush_interval == 1.0
+    warned = [e for e in logs if e["event"] == "unknown_environment_variable"]
+    assert warned
+    assert warned[0]["hint"] == "did you mean LUNAMON_FLUSH_INTERVAL?"
+
+
+def test_signatures_show_no_environment() -> None:
+    import inspect
+
+    assert "<process environment>" in str(inspect.signature(MonitoringSettings.load))
+    assert "PATH" not in str(inspect.signature(MonitoringSettings.load))
+
+
+def test_the_reference_page_is_generated_from_the_code() -> None:
+    page = Path(__file__).parent.parent / "docs" / "configuration.md"
+    assert page.read_text() == render(), "run: python -m lunamon._reference > docs/configuration.md"
+
+
+def test_the_reference_example_loads(tmp_path: Path) -> None:
+    path = tmp_path / "example.toml"
+    path.write_text(example())
+    settings = MonitoringSettings.load(path, env={})
+    assert settings.exclude == ("GET:/healthcheck",)
+    assert [s.type for s in settings.sinks] == ["influxdb"]
+
+
+def test_help_shows_no_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pydoc
+
+    monkeypatch.setenv("INFLUX_PW", "s3cr3t-in-the-environment")
+    text = pydoc.render_doc(lunamon) + pydoc.render_doc(lunamon.settings)
+    assert "s3cr3t-in-the-environment" not in text
+    assert "InfluxDBSink" in text  # every sink is part of the public face
