@@ -120,12 +120,13 @@ class _TimedGenerator(Generic[Y, S, T]):
         return getattr(self._gen, attr)
 
 
-Caller = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
+# A call path: ``(wrapper_or_None, *args, **kwargs)``, the shape of a ``__call__``.
+Caller = Callable[..., Any]
 
 
 def _caller(func: Callable[..., Any], name: str) -> Caller:
-    """The call path for ``func``, chosen once by its kind, in wrapt's wrapper shape
-    ``(wrapped, instance, args, kwargs)``: outside a request it only calls through."""
+    """The call path for ``func``, chosen once by its kind: outside a request it
+    only calls through; inside, it adds the time to step ``name``."""
     if inspect.iscoroutinefunction(func):
         timed_result: Callable[[Any, RequestCollector, str], Any] = _timed_await
     elif inspect.isasyncgenfunction(func):
@@ -134,26 +135,24 @@ def _caller(func: Callable[..., Any], name: str) -> Caller:
         timed_result = _TimedGenerator
     else:
 
-        def call_function(
-            wrapped: Callable[..., Any], _instance: Any, args: Any, kwargs: Any
-        ) -> Any:
+        def call_function(_wrapper: object, /, *args: Any, **kwargs: Any) -> Any:
             collector = _current_get()
             if collector is None:
-                return wrapped(*args, **kwargs)
+                return func(*args, **kwargs)
             start = perf_counter()
             try:
-                return wrapped(*args, **kwargs)
+                return func(*args, **kwargs)
             finally:
                 collector.add_step(name, perf_counter() - start)
 
         return call_function
 
-    def call_deferred(wrapped: Callable[..., Any], _instance: Any, args: Any, kwargs: Any) -> Any:
+    def call_deferred(_wrapper: object, /, *args: Any, **kwargs: Any) -> Any:
         # Coroutines and generators run later: the result is wrapped to time its own steps.
         collector = _current_get()
         if collector is None:
-            return wrapped(*args, **kwargs)
-        return timed_result(wrapped(*args, **kwargs), collector, name)
+            return func(*args, **kwargs)
+        return timed_result(func(*args, **kwargs), collector, name)
 
     return call_deferred
 
@@ -161,12 +160,13 @@ def _caller(func: Callable[..., Any], name: str) -> Caller:
 class _TimedFunctionWrapper(wrapt.FunctionWrapper):  # type: ignore[type-arg]
     """wrapt's proxy (introspection, descriptors) around a :func:`_caller`.
 
-    Classmethods, staticmethods and other descriptors go through wrapt's binding
-    and call the caller as its wrapper. A plain function gets a subclass of its
-    own (see :func:`_wrap`) whose ``__call__`` calls the caller directly:
-    wrapt 2.5's own ``__call__`` probes ``__wrapped__.__self__`` on every call
-    (~1.5 µs), binding builds a ``BoundFunctionWrapper`` per access, and every
-    attribute read on the proxy costs ~200 ns. Methods are bound with ``MethodType``.
+    A plain function gets a subclass of its own (see :func:`_wrap`) whose
+    ``__call__`` *is* the caller: wrapt 2.5's own ``__call__`` probes
+    ``__wrapped__.__self__`` on every call (~1.5 µs), binding builds a
+    ``BoundFunctionWrapper`` per access, and every attribute read on the proxy
+    costs ~200 ns; methods are bound with ``MethodType``. Classmethods,
+    staticmethods and other callables keep wrapt's binding, with a
+    ``(wrapped, instance, args, kwargs)`` wrapper made once around the caller.
     """
 
     _plain = False
@@ -179,11 +179,20 @@ class _TimedFunctionWrapper(wrapt.FunctionWrapper):  # type: ignore[type-arg]
         return MethodType(self, instance)
 
 
-def _plain_wrapper_class(func: Callable[..., Any], caller: Caller) -> type[Any]:
-    def __call__(_self: object, /, *args: Any, **kwargs: Any) -> Any:
-        return caller(func, None, args, kwargs)
+def _wrapt_wrapper(func: Any, caller: Caller) -> Callable[..., Any]:
+    """wrapt's ``(wrapped, instance, args, kwargs)`` around ``caller`` (made for the
+    function under ``func``): a classmethod's class is passed on as its first argument."""
+    if isinstance(func, classmethod):
 
-    return type("TimedFunction", (_TimedFunctionWrapper,), {"__call__": __call__, "_plain": True})
+        def class_wrapper(wrapped: Any, _instance: Any, args: Any, kwargs: Any) -> Any:
+            return caller(None, wrapped.__self__, *args, **kwargs)
+
+        return class_wrapper
+
+    def wrapper(_wrapped: Any, _instance: Any, args: Any, kwargs: Any) -> Any:
+        return caller(None, *args, **kwargs)
+
+    return wrapper
 
 
 def _wrap(func: F, name: str | None) -> F:
@@ -191,10 +200,14 @@ def _wrap(func: F, name: str | None) -> F:
     if not callable(inner):
         raise TypeError(f"timed() needs a function, not {type(func).__name__}")
     caller = _caller(inner, _check_name(name if name is not None else f"{inner.__name__}_time"))
+    wrapper: Any
     if isinstance(func, FunctionType):
-        wrapper: Any = _plain_wrapper_class(func, caller)(func, caller)
+        namespace = {"__call__": caller, "_plain": True}
+        wrapper = type("TimedFunction", (_TimedFunctionWrapper,), namespace)(
+            func, _wrapt_wrapper(func, caller)
+        )
     else:
-        wrapper = _TimedFunctionWrapper(func, caller)
+        wrapper = _TimedFunctionWrapper(func, _wrapt_wrapper(func, caller))
     return wrapper  # type: ignore[no-any-return]
 
 
