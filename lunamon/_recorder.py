@@ -10,9 +10,11 @@ the request id, runs the handler with a collector in context, and emits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
+from contextvars import ContextVar
 from typing import Any, Final
 
 from aiohttp import web
@@ -38,6 +40,11 @@ _MAX_ROUTES: Final = 10_000
 _MAX_TAG_SETS: Final = 4096  # per route: beyond it (many handler ids), dicts are not shared
 
 _point = Point.trusted  # the recorder's parts are valid by construction
+_current_get = current.get
+# The collector of a request whose handler has returned or raised, for the prepare
+# hook aiohttp runs afterwards in the same task (see RequestRecorder.run).
+_finished: Final[ContextVar[RequestCollector | None]] = ContextVar("lunamon_finished", default=None)
+_finished_get = _finished.get
 
 
 class _Route:
@@ -106,7 +113,7 @@ class RequestRecorder:
                 name = f"{method}:{UNMATCHED}"
                 params: tuple[tuple[str, str], ...] = ()
             else:
-                canonical: str = resource.canonical
+                canonical: str = resource.canonical or "/"  # static files mounted at "/"
                 name = sanitize_tag_value(f"{method}:{canonical}")
                 params = tuple((p, t) for p, t in self.path_tags.items() if "{" + p in canonical)
             route = _Route(name, self.service, name in self.exclude, params)
@@ -119,7 +126,9 @@ class RequestRecorder:
         """Serve ``request`` with ``handler`` as a monitored request.
 
         Also the middleware itself: ``setup`` installs this bound method, so no
-        coroutine of lunamon's stands between aiohttp and the recorder.
+        coroutine of lunamon's stands between aiohttp and the recorder. The status
+        recorded is the status line the client received (:meth:`on_response_prepare`
+        sees it), 499 only when the client left before any was sent.
         """
         method = request.method
         resource = request.match_info.route.resource
@@ -128,10 +137,7 @@ class RequestRecorder:
             route = self._route(method, resource)
         if route.excluded:
             return await handler(request)
-        start_ns = time.time_ns()
-        if start_ns <= self._last_ns:  # unique per process: same-tag points never overwrite
-            start_ns = self._last_ns + 1
-        self._last_ns = start_ns
+        start_ns = self._start_ns()
         header = self.request_id_header
         request_id = request.headers.get(header)
         if request_id is None or not plausible_request_id(request_id):
@@ -141,34 +147,106 @@ class RequestRecorder:
         start = time.perf_counter()
         status = 500
         outcome: web.StreamResponse | BaseException | None = None
-        raised = False  # the handler raised something other than an HTTPException
+        raised = False  # the handler failed (not an HTTPException, not the client leaving)
+        after = False  # aiohttp prepares a response after the handler: see it there
         try:
             response = await handler(request)
-            status = response.status
             outcome = response
-            if not response.prepared:
+            if response.prepared:  # a stream or a websocket: its status went out already
+                status = collector.sent_status or response.status
+            else:
+                status = response.status
                 response.headers[header] = request_id
+                # A FileResponse (static files too) decides its status in prepare().
+                after = type(response) is not web.Response
             return response
         except web.HTTPException as exc:
-            status = exc.status
             outcome = exc
+            status = collector.sent_status or exc.status
             exc.headers[header] = request_id
             raise
         except asyncio.CancelledError as exc:
-            status = STATUS_CLIENT_CLOSED
             outcome = exc
+            status = collector.sent_status or STATUS_CLIENT_CLOSED
             raise
         except Exception as exc:
             outcome = exc
-            raised = True
+            if _client_gone(request, exc):  # not a server error, whatever it raised
+                status = collector.sent_status or STATUS_CLIENT_CLOSED
+            else:
+                raised = True
+                # Nothing sent: aiohttp answers 500, and the prepare hook echoes the id.
+                status = collector.sent_status or 500
+                after = collector.sent_status is None
             raise
         finally:
             elapsed = time.perf_counter() - start
             current.reset(token)
+            if after:
+                # Never reset: it lives and dies with this request's task (aiohttp runs
+                # each request in a task of its own), where finish_response prepares.
+                _finished.set(collector)
             try:
-                self._record(request, route, collector, start_ns, elapsed, status, outcome, raised)
+                if after and not raised:  # recorded when the task is done, status sent
+                    task = asyncio.current_task()
+                    assert task is not None
+                    task.add_done_callback(
+                        functools.partial(
+                            self._record_after,
+                            request,
+                            route,
+                            collector,
+                            start_ns,
+                            elapsed,
+                            outcome,
+                        )
+                    )
+                else:
+                    self._record(
+                        request, route, collector, start_ns, elapsed, status, outcome, raised
+                    )
             except Exception as exc:  # monitoring never breaks the request
                 self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
+
+    def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> Any:
+        """aiohttp's ``on_response_prepare`` hook: the status about to be sent, and the
+        request id echoed on any response whose headers are still unsent."""
+        collector = _current_get()
+        if collector is None:
+            collector = _finished_get()
+            if collector is None:
+                return _READY
+        if collector.sent_status is None:
+            collector.sent_status = response.status
+            headers = response.headers
+            if self.request_id_header not in headers:
+                headers[self.request_id_header] = collector.request_id
+        return _READY
+
+    def _start_ns(self) -> int:
+        """The point's time: unique in this process (same-tag points never overwrite)."""
+        start_ns = time.time_ns()
+        if start_ns <= self._last_ns:
+            start_ns = self._last_ns + 1
+        self._last_ns = start_ns
+        return start_ns
+
+    def _record_after(
+        self,
+        request: web.Request,
+        route: _Route,
+        collector: RequestCollector,
+        start_ns: int,
+        elapsed: float,
+        outcome: web.StreamResponse | BaseException | None,
+        _task: object,
+    ) -> None:
+        """Record a response aiohttp prepared after the handler, once its task is done."""
+        status = collector.sent_status or STATUS_CLIENT_CLOSED  # never sent: the client left
+        try:
+            self._record(request, route, collector, start_ns, elapsed, status, outcome, False)
+        except Exception as exc:  # monitoring never breaks the request
+            self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
 
     def _record(
         self,
@@ -199,7 +277,7 @@ class RequestRecorder:
         emit(_point("request", start_ns, tags, fields))
         if raised or status in self.failed_status_codes:
             error_tags = dict(tags)
-            error_tags["error_code"] = str(self._error_code(request, status, outcome))
+            error_tags["error_code"] = str(self._error_code(request, status, outcome, raised))
             emit(_point("error", start_ns, error_tags, {"request_id": collector.request_id}))
 
     def _error_code(
@@ -207,8 +285,10 @@ class RequestRecorder:
         request: web.Request,
         status: int,
         outcome: web.StreamResponse | BaseException | None,
+        raised: bool,
     ) -> int:
-        """The exception's ``error_code``, a JSON body's, the user's getter's, else 1 or 0."""
+        """The exception's ``error_code``, a JSON body's, the user's getter's, else 1
+        (an unhandled exception or a 5xx) or 0."""
         code = _int_or_none(getattr(outcome, "error_code", None))
         if code is None and isinstance(outcome, web.Response):
             code = _error_code_from_body(outcome)
@@ -218,8 +298,28 @@ class RequestRecorder:
             except Exception as exc:
                 self._log.log("error", "error_code_getter_failed", key="ec", error=repr(exc)[:512])
         if code is None:
-            code = 1 if status >= 500 else 0
+            code = 1 if raised or status >= 500 else 0
         return code
+
+
+def _client_gone(request: web.Request, exc: Exception) -> bool:
+    """Whether ``exc`` comes from writing to a client that left (not from the server's work)."""
+    if not isinstance(exc, ConnectionError):
+        return False
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class _Ready:
+    """An awaitable that is already done: the prepare hook's answer, no coroutine made."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return iter(())  # type: ignore[return-value]
+
+
+_READY: Final = _Ready()
 
 
 def _int_or_none(value: object) -> int | None:

@@ -135,6 +135,7 @@ def setup(
     app[RECORDER_KEY] = recorder
     if middleware:
         app.middlewares.insert(0, recorder.run)
+    app.on_response_prepare.append(recorder.on_response_prepare)
 
     async def lunamon_lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await monitoring.start()

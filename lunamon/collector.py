@@ -25,7 +25,7 @@ __all__ = [
 class RequestCollector:
     """Tags, fields and step times of the request being served."""
 
-    __slots__ = ("extra_fields", "extra_tags", "request_id", "route", "steps")
+    __slots__ = ("extra_fields", "extra_tags", "request_id", "route", "sent_status", "steps")
 
     def __init__(self, route: str, request_id: str) -> None:
         self.route = route
@@ -33,6 +33,8 @@ class RequestCollector:
         self.steps: dict[str, float] = {}
         self.extra_tags: dict[str, str] | None = None
         self.extra_fields: dict[str, FieldValue] | None = None
+        # The status line sent to the client, once a response is prepared (else None).
+        self.sent_status: int | None = None
 
     def add_step(self, name: str, seconds: float) -> None:
         """Add ``seconds`` to step ``name`` (a step timed twice is summed)."""
