@@ -29,13 +29,31 @@ _URL_USERINFO: Final = re.compile(
 _URL_QUERY_SECRET: Final = re.compile(r"(?P<head>[?&](?P<key>[^=&#\s]+)=)(?P<value>[^&#\s]*)")
 
 
+# Every secret value lunamon was given: its log lines and errors are redacted with them.
+_known: set[str] = set()
+
+
+def remember(values: Iterable[str]) -> None:
+    """Redact these values from every log line and error lunamon emits from now on."""
+    _known.update(value for value in values if value and len(value) >= _MIN_REDACTED)
+
+
+def redact_known(text: str) -> str:
+    """``text`` with every secret lunamon knows replaced by ``***``."""
+    return redact(text, _known) if _known else text
+
+
 class Secret:
-    """A password or token that shows as ``'***'`` in ``repr``, ``str`` and ``vars()`` dumps."""
+    """A password or token that shows as ``'***'`` in ``repr``, ``str`` and ``vars()`` dumps.
+
+    Its value is remembered: lunamon's log lines and errors never show it.
+    """
 
     __slots__ = ("_value",)
 
     def __init__(self, value: str) -> None:
         self._value = value
+        remember((value,))
 
     def reveal(self) -> str:
         return self._value
@@ -131,12 +149,13 @@ def redact_secrets(text: str, options: Mapping[Any, Any]) -> str:
 
 
 class SinkOptions(Mapping[str, Any]):
-    """A read-only mapping of sink options whose ``repr`` masks secrets."""
+    """A read-only mapping of sink options whose ``repr`` masks secrets (remembered)."""
 
     __slots__ = ("_data",)
 
     def __init__(self, data: Mapping[str, Any]) -> None:
         self._data = dict(data)
+        remember(secret_values(self._data))
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]

@@ -35,6 +35,8 @@ class SinkError(Exception):
     """A failed write, classified: ``retryable`` or not, with the server's text.
 
     ``retry_after`` (seconds) is the server's ``Retry-After`` when it sent one.
+    ``delivered`` counts the points of a refused batch that were stored all the
+    same (a plugin that failed on some points only): they are counted written.
     The message never holds credentials; ``server_text`` is truncated to 1 KB.
     """
 
@@ -46,6 +48,7 @@ class SinkError(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         server_text: str = "",
+        delivered: int = 0,
     ) -> None:
         if len(server_text) > MAX_SERVER_TEXT:
             server_text = server_text[:MAX_SERVER_TEXT] + "...(truncated)"
@@ -54,6 +57,7 @@ class SinkError(Exception):
         self.status = status
         self.retry_after = retry_after
         self.server_text = server_text
+        self.delivered = delivered
 
 
 class BatchTooLarge(SinkError):

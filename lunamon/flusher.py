@@ -264,6 +264,10 @@ class Flusher:
                 while channel.buffered():
                     if await self._attempt_all(channel):
                         break
+                    if not channel.written:
+                        # Never reached in this process (nothing listening, a typo in
+                        # the URL): waiting out the deadline would only delay the exit.
+                        break
                     delay = self._backoff(channel)
                     await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         except asyncio.TimeoutError:
@@ -361,6 +365,10 @@ class Flusher:
         except SinkError as exc:
             if exc.retryable:
                 return self._retry(channel, exc, exc.retry_after)
+            # Points the sink stored all the same are written, not rejected.
+            delivered = min(max(exc.delivered, 0), len(batch))
+            channel.written += delivered
+            channel.set_inflight(batch[delivered:] if delivered else batch)
             self._drop(channel, "rejected", exc, "batch_rejected")
             return True
         except _TRANSIENT as exc:

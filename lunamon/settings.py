@@ -28,7 +28,7 @@ from lunamon._validation import sanitize_tag_value, validate_key
 from lunamon.errors import SettingsError
 from lunamon.flusher import FlushPolicy
 from lunamon.sinks.base import Sink
-from lunamon.sinks.registry import create_sink, validate_sink_type
+from lunamon.sinks.registry import check_options, create_sink, validate_sink_type
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -253,6 +253,7 @@ class SinkSettings:
             if key == "type":
                 raise _fail("options", "'type' is not an option: it names the sink type")
         object.__setattr__(self, "options", SinkOptions(self.options))
+        check_options(self.type, self.options)  # errors now, at load, not at setup()
 
     def __repr__(self) -> str:
         return f"SinkSettings(type={self.type!r}, options={mask_secrets(self.options)!r})"

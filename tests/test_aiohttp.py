@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from servers import free_port
 
 import lunamon
 from lunamon import MONITORING_KEY, MemorySink, Point
@@ -402,3 +403,25 @@ async def test_disabled_settings_make_monitoring_a_no_op(
     assert (await client.post("/detector")).status == 201
     assert lunamon_points == []
     assert app[MONITORING_KEY].stats() == {}
+
+
+async def test_a_sink_never_reached_does_not_hold_up_the_shutdown(
+    aiohttp_client: ClientFactory,
+) -> None:
+    """An app whose InfluxDB has nothing listening: close() does not wait out
+    shutdown_timeout retrying a server it never reached; the points are counted."""
+    app = web.Application()
+    app.router.add_get("/", _ok)
+    sink = lunamon.InfluxDBSink("127.0.0.1", free_port(), timeout=1.0)
+    monitoring = lunamon.setup(app, service="svc", sinks=[sink], shutdown_timeout=5.0)
+    client = await aiohttp_client(app)
+    assert (await client.get("/")).status == 200
+    started = time.monotonic()
+    await monitoring.close()
+    assert time.monotonic() - started < 2.5  # not the 5 s deadline
+    stats = monitoring.stats()["influxdb"]
+    assert stats["dropped"]["shutdown"] == 1
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")

@@ -136,12 +136,35 @@ def test_influxdb_builds_with_its_options() -> None:
 
 def test_builtin_constructor_errors_are_settings_errors() -> None:
     pytest.importorskip("lunamon.sinks.influxdb")
-    error = settings_error(lambda: create_sink("influxdb", {"port": "8086"}))
+    error = settings_error(lambda: create_sink("influxdb", {"port": 0}))
     assert str(error).startswith("port: sink 'influxdb': cannot be created: ValueError: port")
     assert error.key == "port"
     # Never chained: the constructor's frames hold the options as plain arguments.
     assert error.__cause__ is None
     assert error.__context__ is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"port": "8086"}, "port must be an integer, got str ('8086')"),
+        ({"port": True}, "port must be an integer, got bool (True)"),
+        ({"timeout": "10"}, "timeout must be a number, got str ('10')"),
+        ({"username": "u", "password": 12345678}, "password must be a string or none, got int"),
+        ({"gzip": 1}, "gzip must be a boolean, got int (1)"),
+    ],
+)
+def test_mistyped_options_are_refused_by_their_annotation(
+    options: dict[str, object], message: str
+) -> None:
+    error = settings_error(lambda: create_sink("influxdb", options))
+    assert message in str(error)
+    assert "12345678" not in str(error)  # a secret's value is never shown
+
+
+def test_an_unknown_option_suggests_the_option_it_contains() -> None:
+    error = settings_error(lambda: create_sink("influxdb", {"hostname": "h"}))
+    assert "unknown option 'hostname' (did you mean 'host'?)" in str(error)
 
 
 def test_influxdb_v2_secret_in_a_rejected_url_is_masked() -> None:

@@ -568,15 +568,12 @@ def test_constructor_validates_too() -> None:
     assert "unknown sink type" in str(settings_error(lambda: SinkSettings("nope")))
 
 
-def test_sink_types_are_checked_without_importing(tmp_path: Path) -> None:
-    """Loading never imports sink code: a dotted path is imported by build_sinks()."""
+def test_sink_types_are_checked_when_loading(tmp_path: Path) -> None:
+    """Loading imports the sink type to check its options: a bad path fails there."""
     path = write_json(tmp_path, {"sinks": [{"type": "lunamon_no_such_module:Sink"}]})
-    settings = MonitoringSettings.load(path, env={})
-    assert "lunamon_no_such_module" not in sys.modules
-    error = settings_error(settings.build_sinks)
+    error = settings_error(lambda: MonitoringSettings.load(path, env={}))
     assert str(error).startswith(f"{path}: monitoring.sinks[0].type: sink ")
     assert "cannot import 'lunamon_no_such_module'" in str(error)
-    assert isinstance(error.__cause__, ModuleNotFoundError)
 
 
 # --------------------------------------------------------------------------- build_sinks
@@ -638,7 +635,7 @@ def test_build_sinks_influxdb_v2() -> None:
 
 def test_build_sinks_errors_name_the_sink_and_option(tmp_path: Path) -> None:
     path = write_json(tmp_path, {"sinks": [{"type": "memory"}, {"type": "memory", "nmae": "x"}]})
-    error = settings_error(MonitoringSettings.load(path, env={}).build_sinks)
+    error = settings_error(lambda: MonitoringSettings.load(path, env={}))  # at load already
     assert str(error) == (
         f"{path}: monitoring.sinks[1].nmae: sink 'memory': unknown option 'nmae'"
         " (did you mean 'name'?); accepted: name"
@@ -785,7 +782,7 @@ def test_secrets_stay_out_of_captured_structlog_events(tmp_path: Path) -> None:
         settings = MonitoringSettings.load(path, env=SECRET_ENV)
         error = settings_error(settings.build_sinks)
         structlog.get_logger("app").error("setup failed", error=str(error), settings=settings)
-        MonitoringSettings.from_mapping({"sinks": [{"type": "memory", "name": "m", "token": None}]})
+        MonitoringSettings.from_mapping({"sinks": [{"type": "log", "name": "m", "event": "e"}]})
     assert [e["event"] for e in events] == ["settings_loaded", "setup failed", "settings_loaded"]
     assert events[0]["sinks"] == [f"{__name__}:LeakySink"]
     assert_no_secret(repr(events))

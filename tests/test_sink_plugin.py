@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,3 +114,72 @@ async def test_close_failure_is_logged_not_raised() -> None:
 def test_the_plugin_base_is_abstract() -> None:
     with pytest.raises(TypeError):
         BaseRequestMonitoringPlugin(None)  # type: ignore[abstract]
+
+
+# --------------------------------------------------------------------------- through setup()
+
+
+def _settings_app(plugin_path: str, **options: Any) -> tuple[Any, Any]:
+    from aiohttp import web
+
+    import lunamon
+
+    app = web.Application()
+    settings = lunamon.MonitoringSettings(
+        service="svc",
+        sinks=(lunamon.SinkSettings(plugin_path, options),),
+        max_retries=0,
+    )
+    return app, lunamon.setup(app, settings=settings)
+
+
+async def test_a_plugin_failing_on_some_points_counts_each_point() -> None:
+    _app, monitoring = _settings_app(f"{__name__}:CollectingPlugin", fail_on=[1, 3])
+    await monitoring.start()
+    plugin = monitoring.sinks[0].plugin
+    for point in POINTS * 2 + POINTS[:4]:  # 14 points, 2 x 2 + 1 failing
+        monitoring.emit(point)
+    await monitoring.flush()
+    stats = monitoring.stats()["CollectingPlugin"]
+    failing = sum(1 for p in POINTS * 2 + POINTS[:4] if p.fields["n"] in (1, 3))
+    assert stats["written"] == 14 - failing == len(plugin.points)
+    assert stats["dropped"]["rejected"] == failing
+    assert stats["emitted"] == stats["written"] + sum(stats["dropped"].values())
+    await monitoring.close()
+
+
+class SyncPlugin(BaseRequestMonitoringPlugin):
+    """A plugin written with plain ``def`` methods (LUNA allows it in spirit)."""
+
+    def __init__(self, app: Any, api_key: str = "") -> None:
+        super().__init__(app)
+        self.api_key = api_key
+        self.points: list[Point] = []
+        self.threads: set[int] = set()
+
+    def initialize(self) -> None:  # type: ignore[override]
+        self.threads.add(threading.get_ident())
+
+    def flushPointToMonitoring(self, point: Point, logger: Any) -> None:  # type: ignore[override]
+        self.threads.add(threading.get_ident())
+        if point.fields["n"] == 4:
+            raise RuntimeError(f"broker rejected with key {self.api_key}")
+        self.points.append(point)
+
+
+async def test_a_sync_plugin_runs_off_the_loop_and_is_counted_per_point() -> None:
+    _app, monitoring = _settings_app(f"{__name__}:SyncPlugin", api_key="K3y-S3cr3t")
+    await monitoring.start()
+    plugin = monitoring.sinks[0].plugin
+    with capture_logs() as logs:
+        for point in POINTS:
+            monitoring.emit(point)
+        await monitoring.flush()
+    stats = monitoring.stats()["SyncPlugin"]
+    assert (stats["written"], stats["dropped"]["rejected"]) == (4, 1)
+    assert plugin.points == POINTS[:4]
+    assert threading.get_ident() not in plugin.threads  # never on the loop's thread
+    text = repr(logs)
+    assert "broker rejected with key ***" in text  # the configured secret is redacted
+    assert "K3y-S3cr3t" not in text
+    await monitoring.close()

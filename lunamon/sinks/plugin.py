@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lunamon._log import logger as _lunamon_logger
+from lunamon._secrets import redact_known
 from lunamon.errors import SinkError
 from lunamon.point import Point
 
@@ -34,26 +36,54 @@ class BaseRequestMonitoringPlugin(abc.ABC):
 
     @abc.abstractmethod
     async def flushPointToMonitoring(self, point: Point, logger: Any) -> None:
-        """Deliver one point."""
+        """Deliver one point (``async def``, or a plain ``def``: run in a worker thread)."""
 
     async def handleEvent(self, points: Sequence[Point], logger: Any) -> None:
-        """Deliver a batch: every point concurrently; one :class:`SinkError` sums up failures.
+        """Deliver a batch point by point; one :class:`SinkError` sums up the failures.
 
-        Points that were delivered stay delivered: the error is not retryable,
-        so the batch is not sent twice.
+        Coroutine ``flushPointToMonitoring`` runs for every point concurrently; a
+        plain ``def`` one runs in a worker thread, so it cannot block the loop.
+        Points that were delivered stay delivered: the error is not retryable (the
+        batch is not sent twice) and says how many were (``delivered``).
         """
-        results = await asyncio.gather(
-            *(self.flushPointToMonitoring(point, logger) for point in points),
-            return_exceptions=True,
-        )
+        flush = self.flushPointToMonitoring
+        if inspect.iscoroutinefunction(flush):
+            results = await asyncio.gather(
+                *(flush(point, logger) for point in points), return_exceptions=True
+            )
+        else:
+            results = await asyncio.to_thread(_flush_each, flush, points, logger)
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
             first = failures[0]
             raise SinkError(
-                f"{type(self).__name__}: {len(failures)} of {len(results)} points failed;"
-                f" first: {type(first).__name__}: {first}",
+                redact_known(
+                    f"{type(self).__name__}: {len(failures)} of {len(results)} points failed;"
+                    f" first: {type(first).__name__}: {first}"
+                ),
                 retryable=False,
+                delivered=len(results) - len(failures),
             )
+
+
+def _flush_each(
+    flush: Callable[[Point, Any], Any], points: Sequence[Point], logger: Any
+) -> list[Any]:
+    """A synchronous plugin's per-point calls (in a worker thread), failures returned."""
+    results: list[Any] = []
+    for point in points:
+        try:
+            results.append(flush(point, logger))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+async def _call(method: Callable[..., Any], *args: Any) -> Any:
+    """A plugin hook, awaited when it is a coroutine function, else run in a worker thread."""
+    if inspect.iscoroutinefunction(method):
+        return await method(*args)
+    return await asyncio.to_thread(method, *args)
 
 
 class PluginSink:
@@ -94,7 +124,7 @@ class PluginSink:
 
     async def _initialize(self) -> None:
         if not self._initialized:
-            await self.plugin.initialize()
+            await _call(self.plugin.initialize)
             self._initialized = True
 
     async def write(self, points: Sequence[Point]) -> None:
@@ -102,7 +132,7 @@ class PluginSink:
             return
         await self._initialize()
         batch = points if isinstance(points, list) else list(points)
-        await self.plugin.handleEvent(batch, self.logger)
+        await _call(self.plugin.handleEvent, batch, self.logger)
 
     async def close(self) -> None:
         if self._closed:
@@ -110,7 +140,7 @@ class PluginSink:
         self._closed = True
         self._initialized = False
         try:
-            await self.plugin.close()
+            await _call(self.plugin.close)
         except Exception as exc:
             _lunamon_logger.error(
                 "plugin_close_failed", sink=self.name, error=f"{type(exc).__name__}: {exc}"

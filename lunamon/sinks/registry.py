@@ -13,13 +13,15 @@ import importlib
 import inspect
 import re
 import sys
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 from typing import Any, Final
 
 from lunamon._log import logger
-from lunamon._secrets import SinkOptions, redact_secrets
+from lunamon._secrets import SinkOptions, is_secret_key, redact_secrets
 from lunamon.errors import SettingsError
 from lunamon.sinks.base import Sink, sink_name
 
@@ -27,6 +29,7 @@ __all__ = [
     "BUILTIN_SINKS",
     "ENTRY_POINT_GROUP",
     "available_sink_types",
+    "check_options",
     "create_sink",
     "load_sink_type",
     "validate_sink_type",
@@ -45,6 +48,7 @@ BUILTIN_SINKS: Final[Mapping[str, str]] = MappingProxyType(
 )
 
 _PLUGIN_MODULE: Final = "lunamon.sinks.plugin"
+_UNIONS: Final = (typing.Union, types.UnionType)
 _SINK_METHODS: Final = ("start", "write", "close")
 
 
@@ -208,7 +212,7 @@ def _check_options(
     if not any(p.kind is p.VAR_KEYWORD for p in params):
         unknown = [name for name in options if name not in accepted]
         if unknown:
-            hint = difflib.get_close_matches(unknown[0], accepted, n=1)
+            hint = _suggest(unknown[0], accepted)
             raise _error(
                 type_name,
                 f"unknown option {unknown[0]!r}"
@@ -226,6 +230,73 @@ def _check_options(
     ]
     if missing:
         raise _error(type_name, f"missing required option {missing[0]!r}", key=missing[0])
+
+
+def _suggest(unknown: str, accepted: Sequence[str]) -> list[str]:
+    """The accepted option ``unknown`` most likely meant: one it contains or that
+    contains it (``hostname`` -> ``host``), else the closest spelling."""
+    lowered = unknown.lower()
+    within = [a for a in accepted if len(a) > 2 and (a in lowered or lowered in a)]
+    if within:
+        return [max(within, key=len)]
+    return difflib.get_close_matches(unknown, accepted, n=1)
+
+
+_SIMPLE: Final = (str, int, float, bool, type(None))
+_KIND_NAMES: Final = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "none",
+}
+
+
+def _check_types(factory: Callable[..., Any], options: Mapping[str, Any], type_name: str) -> None:
+    """Refuse an option whose value does not have the annotated simple type
+    (``password = 12345678`` for a ``str``); other annotations are not checked."""
+    target = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: nothing to check against
+        return
+    for name, value in options.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        members = typing.get_args(hint) if typing.get_origin(hint) in _UNIONS else (hint,)
+        simple = [m for m in members if m in _SIMPLE]
+        if not simple or len(simple) != len(members):
+            continue  # Any, os.PathLike, classes: the sink checks them itself
+        if any(_is(value, kind) for kind in simple):
+            continue
+        shown = "a secret" if is_secret_key(name) else repr(value)[:60]
+        expected = " or ".join(_KIND_NAMES[k] for k in simple)
+        got = type(value).__name__
+        raise _error(type_name, f"{name} must be {expected}, got {got} ({shown})", key=name)
+
+
+def _is(value: object, kind: type) -> bool:
+    if kind is bool or value is None or kind is type(None):
+        return type(value) is kind or (kind is type(None) and value is None)
+    if isinstance(value, bool):
+        return False  # True is an int to Python, not to a config file
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def check_options(type_name: str, options: Mapping[str, Any]) -> None:
+    """Check ``options`` against the sink type's constructor, without constructing it:
+    unknown, missing and mistyped options raise :class:`SettingsError` now."""
+    factory = load_sink_type(type_name)
+    plugin = _plugin_classes()
+    args: tuple[Any, ...] = ()
+    if plugin is not None and isinstance(factory, type) and issubclass(factory, plugin[0]):
+        options = {k: v for k, v in options.items() if k != "name"}
+        args = (None,)  # the application, given at build time
+    _check_options(factory, args, options, type_name)
+    _check_types(factory, options, type_name)
 
 
 def _construction_error(
@@ -251,6 +322,7 @@ def _construct(
     factory: Callable[..., Any], args: tuple[Any, ...], options: SinkOptions, type_name: str
 ) -> Any:
     _check_options(factory, args, options, type_name)
+    _check_types(factory, options, type_name)
     try:
         return factory(*args, **options)
     except Exception as exc:
