@@ -8,7 +8,13 @@ too), a line-protocol file, a structlog logger, memory, or your own.
 """
 
 from lunamon.aiohttp import MONITORING_KEY, monitor_request, setup
-from lunamon.collector import RequestCollector, add_field, add_tag, current_request
+from lunamon.collector import (
+    RequestCollector,
+    add_field,
+    add_tag,
+    current_request,
+    run_in_executor,
+)
 from lunamon.errors import BatchTooLarge, LineProtocolError, SettingsError, SinkError
 from lunamon.lineprotocol import parse_line_protocol
 from lunamon.monitoring import Monitoring
@@ -50,6 +56,7 @@ __all__ = [
     "measure",
     "monitor_request",
     "parse_line_protocol",
+    "run_in_executor",
     "setup",
     "timed",
 ]

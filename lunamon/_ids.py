@@ -1,4 +1,16 @@
-"""Request ids in LUNA's format, and point times that never collide in one process.
+"""Request ids in LUNA's format, and point times that never collide.
+
+Point times: InfluxDB keeps one point per (series, tags, time), so two requests
+with the same route and status must never get the same time, in one process or
+across the workers of a service and its hosts. A time is the wall clock's
+microsecond, and its last three nanosecond digits are the process's *slot*
+(``pid % 1000``, taken again after ``fork``): two processes with different slots
+never write the same time, and within a process a request in the same
+microsecond as the previous one takes the next microsecond. Clocks are not
+nanosecond-accurate, so nothing of value is lost. Gunicorn's workers (pids
+within 1000 of each other) always differ; processes on other hosts differ
+unless their pids end in the same three digits and they write the same tags in
+the same microsecond.
 
 Ids have uuid4's layout (version and variant bits) but are 74 random bits drawn
 once per process (again after ``fork``, from a private ``random.Random``)
@@ -14,7 +26,7 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 MAX_REQUEST_ID_LENGTH: Final = 128
@@ -34,9 +46,35 @@ def _new_id_source() -> None:
     _id_counter = itertools.count(rng.getrandbits(47))
 
 
-_new_id_source()
+_slot = 0  # this process's last three nanosecond digits of every point time
+
+
+def _new_process() -> None:
+    """A fresh id source and time slot: at import, and in a forked child."""
+    global _slot
+    _new_id_source()
+    _slot = os.getpid() % 1000
+
+
+_new_process()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_id_source)
+    os.register_at_fork(after_in_child=_new_process)
+
+
+class PointClock:
+    """Point times in ns: the microsecond, then this process's slot; never twice the same."""
+
+    __slots__ = ("_last_us",)
+
+    def __init__(self) -> None:
+        self._last_us = 0
+
+    def now_ns(self, time_ns: Callable[[], int] = time.time_ns) -> int:
+        us = time_ns() // 1000
+        if us <= self._last_us:
+            us = self._last_us + 1
+        self._last_us = us
+        return us * 1000 + _slot
 
 
 def new_request_id(seconds: int | None = None) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Final
 from aiohttp import web
 from multidict import istr
 
-from lunamon._ids import new_request_id, plausible_request_id
+from lunamon._ids import PointClock, new_request_id, plausible_request_id
 from lunamon._log import RateLimitedLogger
 from lunamon._validation import sanitize_tag_value
 from lunamon.collector import RequestCollector, current
@@ -100,7 +100,7 @@ class RequestRecorder:
         self.failed_status_codes = settings.failed_status_codes
         self.error_code_getter = error_code
         self._routes: dict[tuple[str, object], _Route] = {}
-        self._last_ns = 0
+        self._clock = PointClock()
         self._log = RateLimitedLogger()
 
     def _route(self, method: str, resource: Any) -> _Route:
@@ -224,12 +224,8 @@ class RequestRecorder:
         return _READY
 
     def _start_ns(self) -> int:
-        """The point's time: unique in this process (same-tag points never overwrite)."""
-        start_ns = time.time_ns()
-        if start_ns <= self._last_ns:
-            start_ns = self._last_ns + 1
-        self._last_ns = start_ns
-        return start_ns
+        """The point's time: unique across processes (see :class:`~lunamon._ids.PointClock`)."""
+        return self._clock.now_ns(time.time_ns)
 
     def _record_after(
         self,

@@ -3,13 +3,19 @@
 A ``contextvars`` variable holds the collector for the life of one request (set
 by the middleware or ``monitor_request``, reset in ``finally``). Tasks created
 inside the request copy the context, so ``asyncio.gather`` and ``create_task``
-children record into the same request.
+children record into the same request, and so do ``asyncio.to_thread`` and
+:func:`run_in_executor` (plain ``loop.run_in_executor`` does not copy it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import Executor
 from contextvars import ContextVar
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from lunamon._validation import validate_field_value, validate_key, validate_tag_value
 from lunamon.point import FieldValue
@@ -19,7 +25,10 @@ __all__ = [
     "add_field",
     "add_tag",
     "current_request",
+    "run_in_executor",
 ]
+
+T = TypeVar("T")
 
 
 class RequestCollector:
@@ -95,3 +104,20 @@ def add_field(key: str, value: str | int | float | bool) -> None:
     collector = current.get()
     if collector is not None:
         collector.add_field(key, value)
+
+
+def run_in_executor(
+    executor: Executor | None, func: Callable[..., T], /, *args: Any
+) -> asyncio.Future[T]:
+    """``loop.run_in_executor(executor, func, *args)`` that carries the request along.
+
+    ``loop.run_in_executor`` runs ``func`` without the caller's context, so
+    ``@timed``, ``measure`` and ``add_field`` inside it record nothing; this runs
+    it in a copy of the context, as ``asyncio.to_thread`` does (``None``: the
+    loop's default executor)::
+
+        faces = await lunamon.run_in_executor(pool, detect_faces, image)
+    """
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    return loop.run_in_executor(executor, functools.partial(context.run, func, *args))

@@ -12,17 +12,19 @@ recursive calls included).
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from types import FunctionType, MethodType, TracebackType
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Final, Generic, TypeVar, overload
 
 import wrapt
 
+from lunamon._log import logger
 from lunamon._validation import validate_key
 from lunamon.collector import RequestCollector, current
 
-__all__ = ["measure", "timed"]
+__all__ = ["measure", "timed", "unattributed_steps"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -34,6 +36,28 @@ perf_counter: Callable[[], float] = time.perf_counter
 
 _current_get = current.get
 _checked_names: set[str] = set()
+_get_ident = threading.get_ident
+_MAIN_THREAD: Final = threading.main_thread().ident
+# Steps timed in a worker thread outside any request, by name: most often a
+# loop.run_in_executor call that lost the request's context.
+_unattributed_steps: dict[str, int] = {}
+
+
+def _unattributed(name: str) -> None:
+    count = _unattributed_steps.get(name, 0)
+    _unattributed_steps[name] = count + 1
+    if not count:
+        logger.debug(
+            "step_outside_request",
+            step=name,
+            hint="run in a thread without the request's context: use"
+            " lunamon.run_in_executor(executor, func, ...) or asyncio.to_thread",
+        )
+
+
+def unattributed_steps() -> dict[str, int]:
+    """How often each step was timed in a worker thread outside any request."""
+    return dict(_unattributed_steps)
 
 
 def _check_name(name: str) -> str:
@@ -138,6 +162,8 @@ def _caller(func: Callable[..., Any], name: str) -> Caller:
         def call_function(_wrapper: object, /, *args: Any, **kwargs: Any) -> Any:
             collector = _current_get()
             if collector is None:
+                if _get_ident() != _MAIN_THREAD:
+                    _unattributed(name)
                 return func(*args, **kwargs)
             start = perf_counter()
             try:
@@ -267,6 +293,8 @@ class measure:
     ) -> None:
         if self._collector is not None:
             self._collector.add_step(self.name, perf_counter() - self._start)
+        elif _get_ident() != _MAIN_THREAD:
+            _unattributed(self.name)
 
     async def __aenter__(self) -> measure:
         return self.__enter__()

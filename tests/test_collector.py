@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -37,3 +38,47 @@ def test_add_tag_and_field_validate_at_record_time() -> None:
     assert c.extra_tags == {"customer": "acme corp", "line": "a b"}
     assert c.extra_fields == {"items": 3}
     assert "GET:/x" in repr(c)
+
+
+async def test_run_in_executor_carries_the_request_and_the_plain_call_is_counted(
+    aiohttp_client: Any, lunamon_points: Any
+) -> None:
+    import asyncio
+
+    from aiohttp import web
+    from structlog.testing import capture_logs
+
+    import lunamon
+    from lunamon.timing import unattributed_steps
+
+    @lunamon.timed("carried_time")
+    def carried() -> int:
+        lunamon.add_field("in_thread", True)
+        return 1
+
+    @lunamon.timed("lost_time")
+    def lost() -> int:
+        return 2
+
+    async def handler(request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+        assert await lunamon.run_in_executor(None, carried) == 1
+        assert await loop.run_in_executor(None, lost) == 2  # no context: not recorded
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    lunamon.setup(app, service="svc", sinks=[lunamon.MemorySink()])
+    client = await aiohttp_client(app)
+    before = unattributed_steps().get("lost_time", 0)
+    with capture_logs() as logs:
+        assert (await client.get("/")).status == 200
+    (point,) = lunamon_points.series("request")
+    assert type(point.fields["carried_time"]) is float
+    assert point.fields["in_thread"] is True
+    assert "lost_time" not in point.fields
+    assert unattributed_steps()["lost_time"] == before + 1
+    if not before:  # logged the first time only
+        hints = [e for e in logs if e["event"] == "step_outside_request"]
+        assert hints[0]["step"] == "lost_time"
+        assert "run_in_executor" in hints[0]["hint"]
