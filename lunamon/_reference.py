@@ -13,7 +13,14 @@ import inspect
 import re
 from typing import Any
 
-from lunamon.settings import _SPECS, ENV_PREFIX, MonitoringSettings, _format_status_codes
+from lunamon.settings import (
+    _METRICS_SPECS,
+    _SPECS,
+    ENV_PREFIX,
+    MetricsSettings,
+    MonitoringSettings,
+    _format_status_codes,
+)
 from lunamon.sinks.registry import BUILTIN_SINKS, load_sink_type
 
 _PARAM = re.compile(r"^\s*:param (\w+): (.+)$", re.M)
@@ -51,6 +58,8 @@ be read from the environment instead: `password_env = "INFLUX_PASSWORD"` sets
 
 
 def _default(name: str, value: Any) -> str:
+    if name == "metrics":
+        return "off"
     if name == "failed_status_codes":
         return f'`["{_format_status_codes(value)}"]`'
     if name == "path_tags":
@@ -59,8 +68,8 @@ def _default(name: str, value: Any) -> str:
         return f"`{str(value).lower()}`"
     if isinstance(value, str):
         return f'`"{value}"`'
-    if value == ():
-        return "`[]`"
+    if value == () or value == {}:
+        return "`[]`" if value == () else "`{}`"
     return f"`{value}`"
 
 
@@ -74,14 +83,35 @@ _FILE_TYPES = {
     "frozenset[int]": 'array of codes and `"low-high"` ranges',
     "Mapping[str, str]": "table of strings",
     "tuple[SinkSettings, ...]": "array of tables",
+    "MetricsSettings": "table",
+    "tuple[float, ...]": "array of numbers (seconds)",
 }
 
 
 def example() -> str:
     """A ``[monitoring]`` section setting every key (a test loads it)."""
     lines = ["[monitoring]"]
-    lines += [spec.example for name, spec in _SPECS.items() if name != "sinks"]
+    lines += [spec.example for name, spec in _SPECS.items() if name not in ("metrics", "sinks")]
+    lines += ["", "[monitoring.metrics]"]
+    lines += [spec.example for spec in _METRICS_SPECS.values()]
     return "\n".join([*lines, "", _SPECS["sinks"].example])
+
+
+def _metrics_table() -> list[str]:
+    defaults = MetricsSettings()
+    types = {f.name: _FILE_TYPES[str(f.type)] for f in dataclasses.fields(MetricsSettings)}
+    lines = [
+        "## `[monitoring.metrics]`",
+        "",
+        "| key | type | default | variable | what |",
+        "|---|---|---|---|---|",
+    ]
+    for name, spec in _METRICS_SPECS.items():
+        variable = f"`{ENV_PREFIX}METRICS_{name.upper()}`"
+        value = getattr(defaults, name)
+        default = "LUNA's 19 bounds, 0.0001 to 10" if name == "buckets" else _default(name, value)
+        lines.append(f"| `{name}` | {types[name]} | {default} | {variable} | {spec.doc} |")
+    return [*lines, ""]
 
 
 def _settings_table() -> list[str]:
@@ -131,7 +161,7 @@ def _markdown(text: str) -> str:
 
 def render() -> str:
     """The whole reference page, as Markdown."""
-    lines = [_HEADER, *_settings_table(), _SINKS_INTRO]
+    lines = [_HEADER, *_settings_table(), *_metrics_table(), _SINKS_INTRO]
     for type_name in sorted(BUILTIN_SINKS):
         lines += _sink_section(type_name)
     return _markdown("\n".join(lines).rstrip("\n") + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
@@ -20,6 +20,9 @@ from lunamon.errors import SettingsError
 from lunamon.monitoring import Monitoring
 from lunamon.settings import ENV_PREFIX, MonitoringSettings
 from lunamon.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from lunamon.metrics import MetricsSink
 
 __all__ = ["MONITORING_KEY", "monitor_request", "setup"]
 
@@ -127,7 +130,14 @@ def setup(
     if options:
         config = config.replace(**options)
     sink_list = _sinks(app, config, sinks)
+    metrics = None
+    if config.enabled and config.metrics.enabled:
+        metrics = _metrics_sink(config)
+        sink_list.append(metrics)
+        path = config.metrics.path  # the scrape is not a request of the service
+        config = config.replace(exclude=(*config.exclude, f"GET:{path}", f"HEAD:{path}"))
     monitoring = Monitoring(config, sink_list)
+    monitoring.metrics = metrics
     app[MONITORING_KEY] = monitoring
     if not config.enabled:
         return monitoring
@@ -136,14 +146,45 @@ def setup(
     if middleware:
         app.middlewares.insert(0, recorder.run)
     app.on_response_prepare.append(recorder.on_response_prepare)
+    if metrics is not None:
+        from lunamon.metrics import metrics_handler
+
+        app.router.add_get(config.metrics.path, metrics_handler(metrics))
 
     async def lunamon_lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await monitoring.start()
+        runner = None
+        if metrics is not None and config.metrics.port:
+            runner = await _serve_metrics(metrics, config)
         yield
+        if runner is not None:
+            await runner.cleanup()
         await monitoring.close()
 
     app.cleanup_ctx.append(lunamon_lifecycle)
     return monitoring
+
+
+def _metrics_sink(config: MonitoringSettings) -> MetricsSink:
+    try:
+        from lunamon.metrics import MetricsSink
+    except ImportError as exc:
+        raise ImportError(
+            f"[monitoring.metrics] needs prometheus_client ({exc}): pip install 'lunamon[metrics]'"
+        ) from None
+    return MetricsSink(config.metrics)
+
+
+async def _serve_metrics(metrics: MetricsSink, config: MonitoringSettings) -> web.AppRunner:
+    """``/metrics`` on a port of its own (``[monitoring.metrics] port``), unmonitored."""
+    from lunamon.metrics import metrics_handler
+
+    app = web.Application()
+    app.router.add_get(config.metrics.path, metrics_handler(metrics))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.metrics.host, config.metrics.port).start()
+    return runner
 
 
 def _sinks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lunamon.flusher import Flusher, FlushPolicy, SinkStats
 from lunamon.point import Point
@@ -25,6 +26,8 @@ class Monitoring:
         self.sinks = list(sinks) if settings.enabled else []
         self._flusher = Flusher(self.sinks, settings.flush_policy())
         self.emit: Callable[[Point], None] = self._flusher.emit if self.enabled else _discard
+        # The Prometheus metrics sink when [monitoring.metrics] is enabled (setup sets it).
+        self.metrics: Any = None
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"

@@ -41,6 +41,8 @@ __all__ = [
     "DEFAULT_FAILED_STATUS_CODES",
     "DEFAULT_PATH_TAGS",
     "ENV_PREFIX",
+    "LUNA_BUCKETS",
+    "MetricsSettings",
     "MonitoringSettings",
     "PROCESS_ENV",
     "SettingsError",
@@ -375,6 +377,138 @@ def _at_least(minimum: int) -> Callable[[Any, str], int]:
     return lambda value, key: _check_int(value, key, minimum)
 
 
+# --------------------------------------------------------------------------- metrics
+
+LUNA_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+_LABEL: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# Labels lunamon's metrics set themselves.
+_RESERVED_LABELS: Final = frozenset({"service", "path", "status_code", "error_code", "step", "le"})
+
+
+def _check_path(value: object, key: str) -> str:
+    text = _check_text(value, key)
+    if not text.startswith("/") or any(c in text for c in "{}?# "):
+        raise _fail(key, f"expected a plain URL path such as '/metrics', got {text!r}")
+    return text
+
+
+def _check_port(value: object, key: str) -> int:
+    port = _check_int(value, key, 0)
+    if port > 65535:
+        raise _fail(key, f"must be a port number (0 for none), got {port}")
+    return port
+
+
+def _check_buckets(value: object, key: str) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise _fail(key, f"expected an array of bucket bounds in seconds, got {_describe(value)}")
+    bounds = tuple(_check_seconds(item, f"{key}[{i}]") for i, item in enumerate(value))
+    if not bounds:
+        raise _fail(key, "needs at least one bucket bound")
+    if list(bounds) != sorted(set(bounds)):
+        raise _fail(key, f"bounds must increase strictly, got {list(bounds)}")
+    return bounds
+
+
+def _check_labels(value: object, key: str) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise _fail(key, f"expected a table of label = value, got {_describe(value)}")
+    labels: dict[str, str] = {}
+    for name, text in value.items():
+        where = f"{key}.{name}"
+        if not isinstance(name, str) or not _LABEL.fullmatch(name) or name.startswith("__"):
+            raise _fail(key, f"{name!r} is not a Prometheus label name")
+        if name in _RESERVED_LABELS:
+            raise _fail(where, f"label {name!r} is set by lunamon itself; choose another name")
+        if not isinstance(text, str):
+            raise _fail(where, f"expected a string, got {_describe(text)}")
+        labels[name] = text
+    return MappingProxyType(labels)
+
+
+def _check_optional_text(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, f"expected a string (empty for none), got {_describe(value)}")
+    return value.strip()
+
+
+def _env_floats(text: str) -> list[float]:
+    try:
+        return [float(item) for item in _env_list(text)]
+    except ValueError:
+        raise ValueError("expected numbers separated by commas") from None
+
+
+_METRICS_SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
+    {
+        "enabled": _Spec(_check_bool, _env_bool, "serve Prometheus metrics", "enabled = true"),
+        "path": _Spec(
+            _check_path, _env_text, "where the app serves them (not recorded)", 'path = "/metrics"'
+        ),
+        "port": _Spec(_check_port, _env_int, "> 0: also served on a port of its own", "port = 0"),
+        "host": _Spec(
+            _check_text, _env_text, "the address that port listens on", 'host = "0.0.0.0"'
+        ),
+        "buckets": _Spec(
+            _check_buckets,
+            _env_floats,
+            "bounds of the `requests` histogram in seconds (+Inf added)",
+            "buckets = [0.005, 0.05, 0.5, 5.0]",
+        ),
+        "extra_labels": _Spec(
+            _check_labels,
+            _env_path_tags,
+            "constant labels on every metric (`LUNAMON_METRICS_EXTRA_LABELS`: `k=v,...`)",
+            'extra_labels = {datacenter = "eu-1"}',
+        ),
+        "steps": _Spec(
+            _check_bool, _env_bool, "also a histogram of each `<step>_time`", "steps = false"
+        ),
+        "multiprocess_dir": _Spec(
+            _check_optional_text,
+            _env_text,
+            "a folder the workers share: a scrape answers for all of them",
+            'multiprocess_dir = "/run/luna-handlers/metrics"',
+        ),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """``[monitoring.metrics]``: LUNA's Prometheus ``/metrics`` (off by default)."""
+
+    enabled: bool = False
+    path: str = "/metrics"
+    port: int = 0
+    host: str = "0.0.0.0"
+    buckets: tuple[float, ...] = LUNA_BUCKETS
+    extra_labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    steps: bool = False
+    multiprocess_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for name, spec in _METRICS_SPECS.items():
+            object.__setattr__(self, name, spec.check(getattr(self, name), name))
+
+
+def _check_metrics(value: object, key: str) -> MetricsSettings:
+    if isinstance(value, MetricsSettings):
+        return value
+    if not isinstance(value, Mapping):
+        raise _fail(key, f"expected a table ([monitoring.metrics]), got {_describe(value)}")
+    unknown = [name for name in value if name not in _METRICS_SPECS]
+    if unknown:
+        raise _fail(f"{key}.{unknown[0]}", _unknown(unknown[0], _METRICS_SPECS))
+    try:
+        return MetricsSettings(**value)
+    except SettingsError as exc:
+        raise exc.relabel(key=f"{key}.{exc.key}", source=None) from None
+
+
 # One entry per setting, in the order of MonitoringSettings' fields (a test checks
 # that both name the same settings); the defaults live on the fields alone.
 _SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
@@ -460,6 +594,12 @@ _SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
             "cap of the retry delay and of a server's `Retry-After`, in seconds",
             "retry_max_delay = 30.0",
         ),
+        "metrics": _Spec(
+            _check_metrics,
+            None,
+            "Prometheus metrics: the `[monitoring.metrics]` table below",
+            "[monitoring.metrics]\nenabled = true",
+        ),
         "sinks": _Spec(
             lambda value, key: _check_sinks(value, key),
             None,
@@ -513,6 +653,7 @@ class MonitoringSettings:
     max_retries: int = 10
     retry_base_delay: float = 0.5
     retry_max_delay: float = 30.0
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sinks: tuple[SinkSettings, ...] = ()
     # Where the settings came from (a file name); used in error messages.
     source: str = field(default="<settings>", init=False, compare=False)
@@ -637,17 +778,23 @@ class MonitoringSettings:
             kwargs[key] = _parse_sinks(value, label, env) if key == "sinks" else value
             labels[key] = label
         overrides = []
+        metrics_env: dict[str, Any] = {}
         for name, text in (env or {}).items():
             if not name.startswith(ENV_PREFIX) or name != name.upper():
                 continue
             key = name[len(ENV_PREFIX) :].lower()
+            target, sub = kwargs, key
             spec = _SPECS.get(key)
+            if spec is None and key.startswith("metrics_"):
+                sub = key[len("metrics_") :]
+                spec = _METRICS_SPECS.get(sub)
+                target = metrics_env
             if spec is None or spec.from_env is None:
                 _warn_unknown_variable(name)
                 continue
             label = f"environment variable {name}"
             try:
-                kwargs[key] = spec.from_env(text)
+                target[sub] = spec.from_env(text)
             except ValueError as exc:
                 problem = f"{exc}, got {text!r}"
             else:
@@ -655,6 +802,12 @@ class MonitoringSettings:
                 overrides.append(name)
                 continue
             raise SettingsError(problem, key=label, source=source)
+        if metrics_env:
+            base = kwargs.get("metrics", {})
+            if isinstance(base, MetricsSettings):
+                base = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+            if isinstance(base, Mapping):
+                kwargs["metrics"] = {**base, **metrics_env}
         try:
             settings = cls(**kwargs)
         except SettingsError as exc:
@@ -709,6 +862,7 @@ def _warn_unknown_variable(name: str) -> None:
     _warned_env.add(name)
     key = name[len(ENV_PREFIX) :].lower()
     known = [n for n, spec in _SPECS.items() if spec.from_env is not None]
+    known += [f"metrics_{n}" for n, spec in _METRICS_SPECS.items() if spec.from_env is not None]
     hint = difflib.get_close_matches(key, known, n=1)
     logger.warning(
         "unknown_environment_variable",

@@ -1,7 +1,8 @@
 """One route, one status: every point of every worker has the same series and tags.
 
 For tests/test_point_times.py under gunicorn and wrk. Each worker writes how many
-requests it answered to ``REL_COUNT_DIR/<pid>`` when it stops.
+requests it answered to ``REL_COUNT_DIR/<pid>`` when it stops. With
+``REL_METRICS_DIR``, ``/metrics`` answers for every worker (tests/test_metrics.py).
 """
 
 from __future__ import annotations
@@ -38,5 +39,7 @@ async def create() -> web.Application:
     sink = lunamon.InfluxDBSink(
         "127.0.0.1", int(os.environ["REL_INFLUX_PORT"]), os.environ["REL_DB"]
     )
-    lunamon.setup(app, service="svc", sinks=[sink], flush_interval=0.2)
+    metrics_dir = os.environ.get("REL_METRICS_DIR", "")
+    metrics = {"enabled": True, "multiprocess_dir": metrics_dir} if metrics_dir else None
+    lunamon.setup(app, service="svc", sinks=[sink], flush_interval=0.2, metrics=metrics)
     return app

@@ -745,3 +745,64 @@ class FakeInfluxServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class PrometheusServer(ServerProcess):
+    """A private Prometheus scraping ``targets`` (``host:port``) every second, exemplars on.
+
+    ``query(promql)`` and ``exemplars(promql)`` read its HTTP API.
+    """
+
+    binary = "prometheus"
+
+    def __init__(self, targets: list[str], root: Path | None = None) -> None:
+        self.targets = targets
+        super().__init__(root)
+
+    def _prepare(self) -> None:
+        listed = ", ".join(f'"{target}"' for target in self.targets)
+        (self.root / "prometheus.yml").write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            "  - job_name: service\n"
+            f"    static_configs: [{{targets: [{listed}]}}]\n"
+        )
+
+    def _argv(self) -> list[str]:
+        return [
+            self.binary,
+            f"--config.file={self.root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--enable-feature=exemplar-storage",
+            "--log.level=warn",
+        ]
+
+    def _ready(self) -> bool:
+        status, _ = _http("GET", f"{self.url}/-/ready", timeout=1.0)
+        return status == 200
+
+    def api(self, path: str, **params: str) -> Any:
+        """``GET /api/v1/<path>``; the ``data`` of a successful answer."""
+        query = urllib.parse.urlencode(params)
+        status, body = _http("GET", f"{self.url}/api/v1/{path}?{query}", timeout=10.0)
+        if status != 200:
+            raise ServerError(f"{path} answered {status}: {body[:300]!r}")
+        return json.loads(body)["data"]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """The instant vector of ``promql``: ``[{"metric": {...}, "value": [t, "v"]}]``."""
+        result: list[dict[str, Any]] = self.api("query", query=promql)["result"]
+        return result
+
+    def value(self, promql: str) -> float | None:
+        """The single value of ``promql``, ``None`` when the vector is empty."""
+        result = self.query(promql)
+        return float(result[0]["value"][1]) if result else None
+
+    def exemplars(self, promql: str, since: float) -> list[dict[str, Any]]:
+        """The exemplars stored for ``promql`` since the unix time ``since``."""
+        data: list[dict[str, Any]] = self.api(
+            "query_exemplars", query=promql, start=str(since), end=str(time.time() + 60)
+        )
+        return data

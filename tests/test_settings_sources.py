@@ -13,7 +13,7 @@ from aiohttp import web
 import lunamon
 from lunamon import MonitoringSettings, SettingsError
 from lunamon._reference import example, render
-from lunamon.settings import _SPECS
+from lunamon.settings import _SPECS, MetricsSettings
 
 
 class Case(NamedTuple):
@@ -46,6 +46,14 @@ GOOD = [
     Case("max_retries", "0", "0", 0, 0),
     Case("retry_base_delay", "0.1", "0.1", 0.1, 0.1),
     Case("retry_max_delay", "60", "60", 60, 60.0),
+    # A table: variables set its keys one by one (LUNAMON_METRICS_PORT, test_metrics.py).
+    Case(
+        "metrics",
+        "{enabled = true, port = 9100}",
+        None,
+        {"enabled": True, "port": 9100},
+        MetricsSettings(enabled=True, port=9100),
+    ),
 ]
 
 BAD = [
@@ -64,6 +72,7 @@ BAD = [
     Case("max_retries", "-1", "-1", -1, None),
     Case("retry_base_delay", "-0.5", "-0.5", -0.5, None),
     Case("retry_max_delay", "-9.0", "-9.0", -9.0, None),
+    Case("metrics", "{port = 70000}", None, {"port": 70000}, None),
 ]
 
 
