@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Generator
 from contextvars import ContextVar
@@ -101,6 +102,10 @@ class RequestRecorder:
         self.error_code_getter = error_code
         self._routes: dict[tuple[str, object], _Route] = {}
         self._clock = PointClock()
+        self.server_timing = settings.server_timing
+        name, _, value = settings.server_timing_when.partition(":")
+        self._timing_header = istr(name.strip()) if name.strip() else None
+        self._timing_value = value.strip() or None
         self._log = RateLimitedLogger()
 
     def _route(self, method: str, resource: Any) -> _Route:
@@ -144,7 +149,7 @@ class RequestRecorder:
             request_id = new_request_id(start_ns // 1_000_000_000)
         collector = RequestCollector(route.name, request_id)
         token = current.set(collector)
-        start = time.perf_counter()
+        collector.started = start = time.perf_counter()
         status = 500
         outcome: web.StreamResponse | BaseException | None = None
         raised = False  # the handler failed (not an HTTPException, not the client leaving)
@@ -157,6 +162,8 @@ class RequestRecorder:
             else:
                 status = response.status
                 response.headers[header] = request_id
+                if self.server_timing:
+                    self._add_server_timing(request, response.headers, collector)
                 # A FileResponse (static files too) decides its status in prepare().
                 after = type(response) is not web.Response
             return response
@@ -164,6 +171,8 @@ class RequestRecorder:
             outcome = exc
             status = collector.sent_status or exc.status
             exc.headers[header] = request_id
+            if self.server_timing:
+                self._add_server_timing(request, exc.headers, collector)
             raise
         except asyncio.CancelledError as exc:
             outcome = exc
@@ -221,7 +230,24 @@ class RequestRecorder:
             headers = response.headers
             if self.request_id_header not in headers:
                 headers[self.request_id_header] = collector.request_id
+            if self.server_timing and "Server-Timing" not in headers:
+                self._add_server_timing(request, headers, collector)
         return _READY
+
+    def _add_server_timing(
+        self, request: web.Request, headers: Any, collector: RequestCollector
+    ) -> None:
+        """``Server-Timing: <step>;dur=<ms>, ..., total;dur=<ms>`` (browsers' devtools show it)."""
+        if self._timing_header is not None:
+            value = request.headers.get(self._timing_header)
+            if value is None or (self._timing_value is not None and value != self._timing_value):
+                return
+        parts = [
+            f"{_timing_name(name)};dur={seconds * 1000:.3f}"
+            for name, seconds in collector.steps.items()
+        ]
+        parts.append(f"total;dur={(time.perf_counter() - collector.started) * 1000:.3f}")
+        headers["Server-Timing"] = ", ".join(parts)
 
     def _start_ns(self) -> int:
         """The point's time: unique across processes (see :class:`~lunamon._ids.PointClock`)."""
@@ -296,6 +322,21 @@ class RequestRecorder:
         if code is None:
             code = 1 if raised or status >= 500 else 0
         return code
+
+
+_timing_names: dict[str, str] = {}
+_NOT_TOKEN: Final = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+
+
+def _timing_name(step: str) -> str:
+    """A step's field name as a Server-Timing metric name (a header token)."""
+    name = _timing_names.get(step)
+    if name is None:
+        base = step[: -len("_time")] if step.endswith("_time") else step
+        name = _NOT_TOKEN.sub("_", base) or "step"
+        if len(_timing_names) < 1000:
+            _timing_names[step] = name
+    return name
 
 
 def _client_gone(request: web.Request, exc: Exception) -> bool:

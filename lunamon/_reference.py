@@ -60,6 +60,8 @@ be read from the environment instead: `password_env = "INFLUX_PASSWORD"` sets
 def _default(name: str, value: Any) -> str:
     if name == "metrics":
         return "off"
+    if value == "":
+        return '`""`'
     if name == "failed_status_codes":
         return f'`["{_format_status_codes(value)}"]`'
     if name == "path_tags":

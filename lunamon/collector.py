@@ -34,7 +34,15 @@ T = TypeVar("T")
 class RequestCollector:
     """Tags, fields and step times of the request being served."""
 
-    __slots__ = ("extra_fields", "extra_tags", "request_id", "route", "sent_status", "steps")
+    __slots__ = (
+        "extra_fields",
+        "extra_tags",
+        "request_id",
+        "route",
+        "sent_status",
+        "started",
+        "steps",
+    )
 
     def __init__(self, route: str, request_id: str) -> None:
         self.route = route
@@ -44,6 +52,7 @@ class RequestCollector:
         self.extra_fields: dict[str, FieldValue] | None = None
         # The status line sent to the client, once a response is prepared (else None).
         self.sent_status: int | None = None
+        self.started = 0.0  # perf_counter() when the handler started
 
     def add_step(self, name: str, seconds: float) -> None:
         """Add ``seconds`` to step ``name`` (a step timed twice is summed)."""

@@ -140,6 +140,16 @@ def _check_service(value: object, key: str) -> str:
     return text
 
 
+def _check_condition(value: object, key: str) -> str:
+    """``""`` (every request), ``"Header"`` (present) or ``"Header: value"`` (equal)."""
+    if not isinstance(value, str):
+        raise _fail(key, f"expected 'Header' or 'Header: value' (or ''), got {_describe(value)}")
+    name, _, expected = value.partition(":")
+    if value.strip() and not _HTTP_TOKEN.fullmatch(name.strip()):
+        raise _fail(key, f"{name.strip()!r} is not a valid HTTP header name")
+    return f"{name.strip()}: {expected.strip()}" if expected.strip() else name.strip()
+
+
 def _check_header(value: object, key: str) -> str:
     text = _check_text(value, key)
     if not _HTTP_TOKEN.fullmatch(text):
@@ -594,6 +604,18 @@ _SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
             "cap of the retry delay and of a server's `Retry-After`, in seconds",
             "retry_max_delay = 30.0",
         ),
+        "server_timing": _Spec(
+            _check_bool,
+            _env_bool,
+            "add a `Server-Timing` header (step times, total) to responses",
+            "server_timing = false",
+        ),
+        "server_timing_when": _Spec(
+            _check_condition,
+            _env_text,
+            "only for requests carrying this header (`Name` or `Name: value`); '' all",
+            'server_timing_when = "X-Debug-Timing: 1"',
+        ),
         "metrics": _Spec(
             _check_metrics,
             None,
@@ -653,6 +675,8 @@ class MonitoringSettings:
     max_retries: int = 10
     retry_base_delay: float = 0.5
     retry_max_delay: float = 30.0
+    server_timing: bool = False
+    server_timing_when: str = ""
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sinks: tuple[SinkSettings, ...] = ()
     # Where the settings came from (a file name); used in error messages.

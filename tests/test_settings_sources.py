@@ -46,6 +46,14 @@ GOOD = [
     Case("max_retries", "0", "0", 0, 0),
     Case("retry_base_delay", "0.1", "0.1", 0.1, 0.1),
     Case("retry_max_delay", "60", "60", 60, 60.0),
+    Case("server_timing", "true", "true", True, True),
+    Case(
+        "server_timing_when",
+        '"X-Debug-Timing:1"',
+        "X-Debug-Timing:1",
+        "X-Debug-Timing:1",
+        "X-Debug-Timing: 1",
+    ),
     # A table: variables set its keys one by one (LUNAMON_METRICS_PORT, test_metrics.py).
     Case(
         "metrics",
@@ -72,6 +80,8 @@ BAD = [
     Case("max_retries", "-1", "-1", -1, None),
     Case("retry_base_delay", "-0.5", "-0.5", -0.5, None),
     Case("retry_max_delay", "-9.0", "-9.0", -9.0, None),
+    Case("server_timing", '"yes"', None, "yes", None),
+    Case("server_timing_when", '"Bad Header: 1"', "Bad Header: 1", "Bad Header: 1", None),
     Case("metrics", "{port = 70000}", None, {"port": 70000}, None),
 ]
 
