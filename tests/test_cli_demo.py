@@ -225,3 +225,19 @@ def test_the_library_imports_neither_the_command_line_nor_the_demo() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[] []"
+
+
+def test_demo_with_metrics_prints_the_scrape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo.lp"
+    args = ["demo", "--requests", "120", "--no-progress", "--seed", "5", "--metrics"]
+    assert main([*args, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    counted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.strip().startswith("request_count_total{")
+    ]
+    requests = [p for p in parse_line_protocol(out.read_text()) if p.series == "request"]
+    assert sum(counted) == len(requests) > 0  # the same records, two outputs

@@ -342,6 +342,7 @@ def _demo(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 on_start=on_start,
                 on_request=lambda: bar.advance(1),
+                metrics=args.metrics,
             )
         )
     points, source = output.read_back(result.started_ns)
@@ -363,11 +364,16 @@ def _demo(args: argparse.Namespace) -> int:
     print_report(report, console)
     for line in _stats_lines(result.stats):
         _say(console, line)
+    if args.metrics:
+        _say(console, "\nPrometheus /metrics of the service (request_count_total):")
+        for line in result.metrics.splitlines():
+            if line.startswith("request_count_total{"):
+                _say(console, f"  {line}")
     if args.html:
         _write_html(report, args.html, console)
     _check_delivered(result.stats, output.destination)
     if settings is None:  # a file or InfluxDB: what is there must be what the stats say
-        (written,) = (s["written"] for s in result.stats.values())
+        (written,) = (s["written"] for name, s in result.stats.items() if name != "metrics")
         if len(points) != written:
             raise CommandError(
                 f"{output.destination} holds {len(points):,} points of this run,"
@@ -530,6 +536,11 @@ def _parser() -> argparse.ArgumentParser:
         help="mean simulated time of one sub-step, seconds (default 0.002)",
     )
     demo.add_argument("--seed", type=int, help="seed of the traffic mix (reproducible runs)")
+    demo.add_argument(
+        "--metrics",
+        action="store_true",
+        help="serve Prometheus /metrics too, and print its request counters after the run",
+    )
     where = demo.add_mutually_exclusive_group()
     where.add_argument(
         "--out", metavar="FILE", help=f"line-protocol file to write (default {DEFAULT_OUT})"

@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import aiohttp
 from aiohttp import web
 
 from lunamon.aiohttp import MONITORING_KEY
 from lunamon.demo.service import create_app
 from lunamon.demo.traffic import TrafficResult, drive
 from lunamon.flusher import SinkStats
+from lunamon.monitoring import Monitoring
 from lunamon.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ class DemoResult:
     started_ns: int  # wall clock when the service started: every point of the run is newer
     traffic: TrafficResult
     stats: dict[str, SinkStats]
+    metrics: str = ""  # the service's /metrics after the traffic (with metrics=True)
 
 
 async def run_demo(
@@ -50,6 +53,7 @@ async def run_demo(
     seed: int | None = None,
     on_start: Callable[[str], None] | None = None,
     on_request: Callable[[], None] | None = None,
+    metrics: bool = False,
 ) -> DemoResult:
     """Run the demo service monitored into ``sinks`` (with the other options of
     ``settings``, when given) under generated traffic; return what the client saw and
@@ -58,7 +62,12 @@ async def run_demo(
     ``on_start`` gets the service's URL when it listens; ``on_request`` is called
     after each request.
     """
-    app = create_app(sinks=sinks, latency=latency, settings=settings)
+    app = create_app(
+        sinks=sinks,
+        latency=latency,
+        settings=settings,
+        metrics={"enabled": True} if metrics else None,
+    )
     monitoring = app[MONITORING_KEY]
 
     async def flush_then_close(_app: web.Application) -> AsyncIterator[None]:
@@ -93,6 +102,14 @@ async def run_demo(
             seed=seed,
             on_request=on_request,
         )
+        scraped = await _scrape(url, monitoring) if metrics else ""
     finally:
         await runner.cleanup()  # on_cleanup closes the monitoring: drained within its deadline
-    return DemoResult(url, started_ns, traffic, monitoring.stats())
+    return DemoResult(url, started_ns, traffic, monitoring.stats(), scraped)
+
+
+async def _scrape(url: str, monitoring: Monitoring) -> str:
+    """The service's ``/metrics`` once the points of the traffic are counted."""
+    await monitoring.flush()
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        return await response.text()
