@@ -35,11 +35,13 @@ VARIANTS: Final = (
     "prometheus",
     "opentelemetry",
     "lunamon_middleware",
+    "lunamon_metrics",
     "lunamon_decorator",
 )
 # The peer packages a variant needs (the `bench` extra); absent ones are skipped.
 REQUIRES: Final[dict[str, tuple[str, ...]]] = {
     "prometheus": ("prometheus_client",),
+    "lunamon_metrics": ("prometheus_client",),
     "opentelemetry": ("opentelemetry.sdk", "opentelemetry.instrumentation.aiohttp_server"),
 }
 
@@ -283,12 +285,17 @@ class CostTrace:
 
 
 def _lunamon(
-    middleware: bool, trace_costs: bool = False, batch_size: int = 5000
+    middleware: bool, trace_costs: bool = False, batch_size: int = 5000, metrics: bool = False
 ) -> tuple[web.Application, Stats]:
     sink = EncodingSink()
     app = _application()
     monitoring = lunamon.setup(
-        app, service=SERVICE, sinks=[sink], middleware=middleware, batch_size=batch_size
+        app,
+        service=SERVICE,
+        sinks=[sink],
+        middleware=middleware,
+        batch_size=batch_size,
+        metrics={"enabled": True} if metrics else None,
     )
     trace = CostTrace() if trace_costs else None
     handler: Handler = hello if trace is None else trace.inner(hello)
@@ -334,6 +341,10 @@ def build_app(
         return _lunamon(middleware=True, trace_costs=trace_costs, batch_size=batch_size)
     if variant == "lunamon_decorator":
         return _lunamon(middleware=False, trace_costs=trace_costs, batch_size=batch_size)
+    if variant == "lunamon_metrics":
+        return _lunamon(
+            middleware=True, trace_costs=trace_costs, batch_size=batch_size, metrics=True
+        )
     raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
 
 
