@@ -24,7 +24,7 @@ import bisect
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,7 +37,7 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from lunamon._log import logger
-from lunamon.point import Point
+from lunamon.point import Point, TagSet
 from lunamon.settings import MetricsSettings
 
 __all__ = ["MetricsSink", "MetricsStore", "metrics_handler"]
@@ -52,6 +52,20 @@ _TOTAL: Final = "execution_time"
 Key = tuple[str, str, str]
 
 
+def _key(tags: Mapping[str, str], third: str) -> Key:
+    """The label values of a request point; cached on the recorder's shared tag sets."""
+    if type(tags) is TagSet:
+        key = tags._metrics_key
+        if key is None:
+            key = tags._metrics_key = (
+                tags.get("service", ""),
+                tags.get("route", ""),
+                tags.get(third, ""),
+            )
+        return key
+    return (tags.get("service", ""), tags.get("route", ""), tags.get(third, ""))
+
+
 class _Histogram:
     """Per-bucket counts (the last is +Inf), their sum, and each bucket's latest exemplar."""
 
@@ -60,7 +74,8 @@ class _Histogram:
     def __init__(self, size: int) -> None:
         self.counts = [0] * (size + 1)
         self.sum = 0.0
-        self.exemplars: list[tuple[str, float, float] | None] = [None] * (size + 1)
+        # (request_id, seconds, time_ns) of the latest request counted in each bucket
+        self.exemplars: list[tuple[str, float, int] | None] = [None] * (size + 1)
 
     def merge(self, other: _Histogram) -> None:
         for index, count in enumerate(other.counts):
@@ -84,26 +99,30 @@ class MetricsStore:
 
     def add(self, points: Iterable[Point]) -> None:
         """Count the ``request`` and ``error`` points of a batch."""
+        requests, observe = self.requests, self._observe
         for series, time_ns, tags, fields in points:
             if series == "request":
-                key = (tags.get("service", ""), tags.get("route", ""), tags.get("status_code", ""))
-                self.requests[key] = self.requests.get(key, 0) + 1
-                request_id = fields.get("request_id")
-                rid = request_id if type(request_id) is str else ""
-                seconds = fields.get("execution_time")
+                key = _key(tags, "status_code")
+                requests[key] = requests.get(key, 0) + 1
+                seconds = fields.get(_TOTAL)
                 if type(seconds) is float:
-                    self._observe(self.durations, key, seconds, rid, time_ns)
+                    observe(self.durations, key, seconds, fields, time_ns)
                 if self.steps:
                     for name, value in fields.items():
                         if type(value) is float and name.endswith(_STEP) and name != _TOTAL:
                             step = (key[0], key[1], name[: -len(_STEP)])
-                            self._observe(self.step_durations, step, value, rid, time_ns)
+                            observe(self.step_durations, step, value, fields, time_ns)
             elif series == "error":
                 key = (tags.get("service", ""), tags.get("route", ""), tags.get("error_code", ""))
                 self.errors[key] = self.errors.get(key, 0) + 1
 
     def _observe(
-        self, into: dict[Key, _Histogram], key: Key, seconds: float, rid: str, time_ns: int
+        self,
+        into: dict[Key, _Histogram],
+        key: Key,
+        seconds: float,
+        fields: Mapping[str, object],
+        time_ns: int,
     ) -> None:
         histogram = into.get(key)
         if histogram is None:
@@ -111,8 +130,9 @@ class MetricsStore:
         index = bisect.bisect_left(self.buckets, seconds)  # the first bound >= seconds
         histogram.counts[index] += 1
         histogram.sum += seconds
-        if rid and len(rid) <= _MAX_EXEMPLAR:
-            histogram.exemplars[index] = (rid, seconds, time_ns / 1e9)
+        rid = fields.get("request_id")
+        if type(rid) is str and len(rid) <= _MAX_EXEMPLAR:
+            histogram.exemplars[index] = (rid, seconds, time_ns)
 
     # ------------------------------------------------------------- across processes
 
@@ -248,8 +268,9 @@ class _Collector:
                 if exemplar is None:
                     buckets.append((le, cumulative))
                 else:
-                    rid, value, when = exemplar
-                    buckets.append((le, cumulative, Exemplar({"request_id": rid}, value, when)))
+                    rid, value, when_ns = exemplar
+                    labels = {"request_id": rid}
+                    buckets.append((le, cumulative, Exemplar(labels, value, when_ns / 1e9)))
             family.add_metric([*key, *self.extra_values], buckets, histogram.sum)
         return family
 

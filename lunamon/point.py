@@ -34,14 +34,16 @@ class TagSet(dict[str, str]):
     """A tags dict shared by many points and never mutated (the recorder makes them).
 
     It remembers its encoded line prefix (series + tags), so the encoder escapes
-    and joins a route's tags once, not once per point.
+    and joins a route's tags once, not once per point; and the metrics' label
+    key, so the metrics sink builds it once per route and status.
     """
 
-    __slots__ = ("_head",)
+    __slots__ = ("_head", "_metrics_key")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head: tuple[str, str] | None = None
+        self._metrics_key: tuple[str, str, str] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (TagSet, (dict(self),))
