@@ -271,3 +271,26 @@ def _popen(argv: list[str], env: dict[str, str]) -> Any:
     import subprocess
 
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def test_metrics_on_a_port_of_their_own() -> None:
+    import aiohttp
+    from servers import free_port
+
+    metrics_port = free_port()
+    app = metrics_app(port=metrics_port, host="127.0.0.1", path="/prom")
+    runner, port = await serve(app)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/ok") as response:
+                assert response.status == 200
+            await app[lunamon.MONITORING_KEY].flush()
+            async with session.get(f"http://127.0.0.1:{metrics_port}/prom") as response:
+                assert response.status == 200
+                text = await response.text()
+            async with session.get(f"http://127.0.0.1:{metrics_port}/ok") as response:
+                assert response.status == 404  # only the metrics there
+    finally:
+        await runner.cleanup()
+    (sample,) = samples(text, "request_count_total")
+    assert (sample.labels["path"], sample.value) == ("GET:/ok", 1)
