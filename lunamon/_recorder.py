@@ -46,6 +46,7 @@ _current_get = current.get
 # hook aiohttp runs afterwards in the same task (see RequestRecorder.run).
 _finished: Final[ContextVar[RequestCollector | None]] = ContextVar("lunamon_finished", default=None)
 _finished_get = _finished.get
+_EXPECT: Final = istr("Expect")
 
 
 class _Route:
@@ -140,7 +141,7 @@ class RequestRecorder:
         route = self._routes.get((method, resource))
         if route is None:
             route = self._route(method, resource)
-        if route.excluded:
+        if route.excluded or _current_get() is not None:  # excluded, or monitored already
             return await handler(request)
         start_ns = self._start_ns()
         header = self.request_id_header
@@ -191,9 +192,10 @@ class RequestRecorder:
         finally:
             elapsed = time.perf_counter() - start
             current.reset(token)
-            if after:
+            if after or _EXPECT in request.headers:
                 # Never reset: it lives and dies with this request's task (aiohttp runs
                 # each request in a task of its own), where finish_response prepares.
+                # (With Expect, it also tells the prepare hook this request was seen.)
                 _finished.set(collector)
             try:
                 if after and not raised:  # recorded when the task is done, status sent
@@ -224,6 +226,8 @@ class RequestRecorder:
         if collector is None:
             collector = _finished_get()
             if collector is None:
+                if _EXPECT in request.headers:
+                    self._record_expect_answer(request, response)
                 return _READY
         if collector.sent_status is None:
             collector.sent_status = response.status
@@ -248,6 +252,24 @@ class RequestRecorder:
         ]
         parts.append(f"total;dur={(time.perf_counter() - collector.started) * 1000:.3f}")
         headers["Server-Timing"] = ", ".join(parts)
+
+    def _record_expect_answer(self, request: web.Request, response: web.StreamResponse) -> None:
+        """A request answered by its route's Expect handler, which aiohttp runs before the
+        middlewares: recorded here, with the status sent and no execution time (0.0)."""
+        try:
+            route = self._route(request.method, request.match_info.route.resource)
+            if route.excluded:
+                return
+            start_ns = self._start_ns()
+            request_id = request.headers.get(self.request_id_header)
+            if request_id is None or not plausible_request_id(request_id):
+                request_id = new_request_id(start_ns // 1_000_000_000)
+            response.headers[self.request_id_header] = request_id
+            collector = RequestCollector(route.name, request_id)
+            collector.sent_status = response.status
+            self._record(request, route, collector, start_ns, 0.0, response.status, response, False)
+        except Exception as exc:  # monitoring never breaks the request
+            self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
 
     def _start_ns(self) -> int:
         """The point's time: unique across processes (see :class:`~lunamon._ids.PointClock`)."""

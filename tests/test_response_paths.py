@@ -298,3 +298,65 @@ async def test_websocket_closed_by_the_client_is_101(
     (point,) = await _recorded(lunamon_points)
     assert point.tags["status_code"] == "101"
     assert _errors(lunamon_points) == []
+
+
+# --------------------------------------------------------------------------- Expect, sub-apps
+
+
+async def test_expect_handler_answers_are_recorded_once(
+    aiohttp_client: ClientFactory, lunamon_points: CapturedPoints
+) -> None:
+    """aiohttp answers Expect before the middlewares run: 417 by default, or what a
+    route's expect_handler returns or raises. Each is recorded, with the request id."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(text=await request.text())
+
+    async def forbid(request: web.Request) -> None:
+        raise web.HTTPForbidden()
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="from the expect handler")
+
+    app = _app()
+    app.router.add_post("/echo", echo)
+    app.router.add_post("/forbid", echo, expect_handler=forbid)
+    app.router.add_post("/answer", echo, expect_handler=answer)
+    client = await aiohttp_client(app)
+    cases = [
+        ("/echo", "something-else", 417),
+        ("/forbid", "100-continue", 403),
+        ("/answer", "100-continue", 200),
+        ("/echo", "100-continue", 200),  # accepted: the handler answers, recorded once
+    ]
+    for path, expect, status in cases:
+        response = await client.post(path, data=b"x", headers={"Expect": expect})
+        await response.read()
+        assert response.status == status
+        assert response.headers[HEADER]
+    points = await _recorded(lunamon_points, len(cases))
+    assert [(p.tags["route"], p.tags["status_code"]) for p in points] == [
+        ("POST:/echo", "417"),
+        ("POST:/forbid", "403"),
+        ("POST:/answer", "200"),
+        ("POST:/echo", "200"),
+    ]
+    assert [e.tags["status_code"] for e in _errors(lunamon_points)] == ["417", "403"]
+
+
+async def test_setup_on_an_app_and_its_sub_app_records_once(
+    aiohttp_client: ClientFactory, lunamon_points: CapturedPoints
+) -> None:
+    async def inner(request: web.Request) -> web.Response:
+        return web.Response(text="inner")
+
+    root, sub = _app(), web.Application()
+    sub.router.add_get("/inner", inner)
+    lunamon.setup(sub, service="sub", sinks=[MemorySink()])
+    root.add_subapp("/sub", sub)
+    client = await aiohttp_client(root)
+    response = await client.get("/sub/inner")
+    assert response.status == 200
+    (point,) = await _recorded(lunamon_points)
+    assert point.fields["request_id"] == response.headers[HEADER]
+    assert point.tags["service"] == "svc"  # the outer app's monitoring recorded it
