@@ -21,6 +21,7 @@ from lunamon.monitoring import Monitoring
 from lunamon.point import Point, encode_lines
 from lunamon.settings import MonitoringSettings, SinkSettings
 from lunamon.sinks.base import Sink
+from lunamon.sinks.clickhouse import ClickHouseSink
 from lunamon.sinks.file import LineProtocolFileSink
 from lunamon.sinks.influxdb import InfluxDBSink
 from lunamon.sinks.influxdb_v2 import InfluxDBV2Sink
@@ -35,6 +36,7 @@ __all__ = [
     "MONITORING_KEY",
     "BaseRequestMonitoringPlugin",
     "BatchTooLarge",
+    "ClickHouseSink",
     "InfluxDBSink",
     "InfluxDBV2Sink",
     "LineProtocolError",

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import pytest
 from servers import (
+    ClickHouseServer,
     FakeInfluxServer,
     InfluxServer,
     ServerProcess,
@@ -95,3 +96,28 @@ async def fake_influx() -> AsyncIterator[FakeInfluxServer]:
     """A started :class:`FakeInfluxServer` answering 204 until programmed otherwise."""
     async with FakeInfluxServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def clickhouse() -> Iterator[ClickHouseServer]:
+    """A private clickhouse-server (no password), shared by the session: use your own database."""
+    yield from _running(ClickHouseServer())
+
+
+@pytest.fixture(scope="session")
+def clickhouse_auth() -> Iterator[ClickHouseServer]:
+    """clickhouse-server whose ``default`` user needs ``password``."""
+    yield from _running(ClickHouseServer(auth=True))
+
+
+@pytest.fixture(scope="session")
+def clickhouse_factory() -> Iterator[Callable[..., ClickHouseServer]]:
+    """Start extra private clickhouse-servers (``factory(auth=...)``), for tests that kill or
+    restart theirs; all are closed at the end of the session."""
+    require(ClickHouseServer.binary)
+    with contextlib.ExitStack() as stack:
+
+        def factory(*, auth: bool = False) -> ClickHouseServer:
+            return stack.enter_context(ClickHouseServer(auth=auth))
+
+        yield factory

@@ -806,3 +806,155 @@ class PrometheusServer(ServerProcess):
             "query_exemplars", query=promql, start=str(since), end=str(time.time() + 60)
         )
         return data
+
+
+# --------------------------------------------------------------------------- clickhouse-server
+
+
+_CLICKHOUSE_CONFIG: Final = """\
+<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>{root}/log/server.log</log>
+          <errorlog>{root}/log/err.log</errorlog><console>0</console></logger>
+  <http_port>{port}</http_port>
+  <tcp_port>{tcp_port}</tcp_port>
+  <listen_host>127.0.0.1</listen_host>
+  <path>{root}/data/</path>
+  <tmp_path>{root}/tmp/</tmp_path>
+  <users_config>users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>5368709</mark_cache_size>
+</yandex>
+"""
+
+_CLICKHOUSE_USERS: Final = """\
+<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default><readonly><readonly>1</readonly></readonly></profiles>
+  <users>
+    <default><password>{password}</password>
+      <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>default</profile><quota>default</quota></default>
+    <reader><password>{reader_password}</password>
+      <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>readonly</profile><quota>default</quota></reader>
+  </users>
+  <quotas><default></default></quotas>
+</yandex>
+"""
+
+CLICKHOUSE_PASSWORD: Final = "cl1ckh0use-s3cret-pw"
+
+
+class ClickHouseServer(ServerProcess):
+    """A private clickhouse-server (SERVERS.md's recipe): ``url``, ``query()``, ``rows()``.
+
+    With ``auth`` the ``default`` user needs ``password`` (the helpers send it);
+    without, its password is empty. Either way a read-only user ``reader``
+    (``reader_password``) exists. The helpers block (urllib), like InfluxServer's.
+    """
+
+    binary = "clickhouse-server"
+
+    def __init__(self, root: Path | None = None, *, auth: bool = False) -> None:
+        self.tcp_port = 0
+        super().__init__(root)
+        self.auth = auth
+        self.user = "default"
+        self.password = CLICKHOUSE_PASSWORD if auth else ""
+        self.reader_user = READER_USER
+        self.reader_password = READER_PASSWORD
+        self.config_path = self.root / "config.xml"
+
+    def __repr__(self) -> str:
+        return f"ClickHouseServer(url={self.url!r}, auth={self.auth})"
+
+    def _choose_ports(self) -> None:
+        self.port, self.tcp_port = free_port(), free_port()
+
+    def _argv(self) -> list[str]:
+        return [self.binary, f"--config-file={self.config_path}"]
+
+    def _prepare(self) -> None:
+        for sub in ("log", "data", "tmp"):
+            (self.root / sub).mkdir(exist_ok=True)
+        self.config_path.write_text(
+            _CLICKHOUSE_CONFIG.format(root=self.root, port=self.port, tcp_port=self.tcp_port)
+        )
+        (self.root / "users.xml").write_text(
+            _CLICKHOUSE_USERS.format(password=self.password, reader_password=self.reader_password)
+        )
+
+    def _ready(self) -> bool:
+        status, body = _http("GET", f"{self.url}/ping", timeout=1.0)
+        return status == 200 and body.strip() == b"Ok."
+
+    def log_tail(self, lines: int = 30) -> str:
+        parts = [super().log_tail(lines)]
+        for name in ("server.log", "err.log"):
+            try:
+                text = (self.root / "log" / name).read_text(errors="replace")
+            except OSError:
+                continue
+            parts.append("\n".join(text.splitlines()[-lines:]))
+        return "\n".join(part for part in parts if part)
+
+    def _auth_headers(self, auth: tuple[str, str] | None) -> dict[str, str]:
+        if auth is None:
+            auth = (self.user, self.password)
+        return {"X-ClickHouse-User": auth[0], "X-ClickHouse-Key": auth[1]}
+
+    def request(
+        self,
+        sql: str,
+        data: bytes | None = None,
+        *,
+        auth: tuple[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> tuple[int, bytes, str]:
+        """Run ``sql`` (with ``data`` as the body of an INSERT; ``params``: settings in the
+        URL): (status, body, exception code header) whatever the status. The default user's
+        credentials unless ``auth``."""
+        query = dict(params or {})
+        if data is None:
+            body = sql.encode()
+        else:
+            query["query"], body = sql, data
+        url = f"{self.url}/?{urllib.parse.urlencode(query)}"
+        request = urllib.request.Request(
+            url, data=body, method="POST", headers=self._auth_headers(auth)
+        )
+        try:
+            with _OPENER.open(request, timeout=timeout) as response:
+                code = response.headers.get("X-ClickHouse-Exception-Code", "")
+                return int(response.status), bytes(response.read()), code
+        except urllib.error.HTTPError as err:
+            with err:
+                code = err.headers.get("X-ClickHouse-Exception-Code", "")
+                return int(err.code), bytes(err.read()), code
+
+    def query(self, sql: str, data: bytes | None = None) -> str:
+        """Run ``sql`` as the default user; the answer as text. :class:`ServerError` unless 200."""
+        status, body, _ = self.request(sql, data)
+        if status != 200:
+            raise ServerError(f"{sql[:200]!r} answered {status}: {body[:500]!r}")
+        return body.decode()
+
+    def rows(self, sql: str) -> list[dict[str, Any]]:
+        """The rows of a SELECT, read as ``FORMAT JSONEachRow``."""
+        text = self.query(f"{sql} FORMAT JSONEachRow")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def data(self, database: str, table: str) -> list[tuple[int, dict[str, Any]]]:
+        """Every row of ``database.table`` as (time in ns, the parsed ``data`` object),
+        in time order; duplicates kept."""
+        rows = self.rows(f"SELECT time, data FROM `{database}`.`{table}` ORDER BY time")
+        return [(int(row["time"]), json.loads(row["data"])) for row in rows]
+
+    def count(self, database: str, table: str) -> int:
+        return int(self.query(f"SELECT count() FROM `{database}`.`{table}`").strip())
+
+    def drop_database(self, database: str) -> None:
+        self.query(f"DROP DATABASE IF EXISTS `{database}`")

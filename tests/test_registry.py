@@ -99,7 +99,7 @@ def settings_error(call: Callable[[], object]) -> SettingsError:
 
 
 def test_builtin_names() -> None:
-    assert set(BUILTIN_SINKS) == {"influxdb", "influxdb_v2", "file", "log", "memory"}
+    assert set(BUILTIN_SINKS) == {"clickhouse", "influxdb", "influxdb_v2", "file", "log", "memory"}
     assert set(BUILTIN_SINKS) <= set(available_sink_types())
     for name in BUILTIN_SINKS:
         assert validate_sink_type(name) == name

@@ -468,7 +468,7 @@ VALIDATION_CASES = [
     (
         {"sinks": [{"type": "prometheus"}]},
         "monitoring.sinks[0].type",
-        "known: file, influxdb, influxdb_v2, log, memory",
+        "known: clickhouse, file, influxdb, influxdb_v2, log, memory",
     ),
     (
         {"sinks": [{"type": "mypkg.sinks.Custom"}]},

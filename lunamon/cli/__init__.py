@@ -2,7 +2,8 @@
 
 This module parses the command line and reports; the work is in
 :mod:`lunamon.cli.report`, :mod:`~lunamon.cli.charts`, :mod:`~lunamon.cli.send`,
-:mod:`~lunamon.cli.influxql` and the demo service's run, :mod:`lunamon.demo.run`.
+:mod:`~lunamon.cli.influxql`, :mod:`~lunamon.cli.clickhouse` and the demo service's run,
+:mod:`lunamon.demo.run`.
 The library never imports this package.
 
 Exit codes: 0 done; 1 the work failed (points not written, server unreachable,
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from lunamon.cli.clickhouse import ClickHouseTarget
     from lunamon.cli.influxql import InfluxTarget
     from lunamon.cli.report import Report
     from lunamon.flusher import SinkStats
@@ -200,13 +202,32 @@ def _influx_target(url: str, database: str | None = None) -> InfluxTarget:
     return target
 
 
+def _clickhouse_target(url: str, database: str | None = None) -> ClickHouseTarget:
+    from lunamon.cli.clickhouse import ClickHouseURLError, parse_clickhouse_url
+
+    try:
+        target = parse_clickhouse_url(url, database)
+    except ClickHouseURLError as exc:
+        raise CommandError(f"--clickhouse {exc}") from None
+    try:
+        target.sink()  # the sink's own checks
+    except ValueError as exc:
+        if "plain HTTP" in str(exc):
+            raise CommandError(
+                f"--clickhouse: credentials would go to {target.url} over plain HTTP; use https://"
+            ) from None
+        raise CommandError(f"--clickhouse: {exc}") from None
+    return target
+
+
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:
-    """``asyncio.run``; InfluxDB failures become a one-line error (exit 1)."""
+    """``asyncio.run``; InfluxDB and ClickHouse failures become a one-line error (exit 1)."""
+    from lunamon.cli.clickhouse import ClickHouseQueryError
     from lunamon.cli.influxql import InfluxQueryError
 
     try:
         return asyncio.run(coro)
-    except InfluxQueryError as exc:
+    except (InfluxQueryError, ClickHouseQueryError) as exc:
         raise CommandError(str(exc), code=1) from None
 
 
@@ -247,6 +268,7 @@ class _DemoOutput:
     sinks: list[Sink]
     file: Path | None = None
     influx: InfluxTarget | None = None
+    clickhouse: ClickHouseTarget | None = None
     copy: MemorySink | None = None  # with --config: every point, for the report
 
     def read_back(self, started_ns: int) -> tuple[list[Point], str]:
@@ -261,6 +283,13 @@ class _DemoOutput:
             where = f"time >= {started_ns} AND \"service\" = '{SERVICE}'"
             points = _run(query_points(self.influx, ("request", "error"), where))
             return points, f"{self.influx}, this run"
+        if self.clickhouse is not None:
+            from lunamon.cli import clickhouse
+            from lunamon.demo.service import SERVICE
+
+            read = clickhouse.query_points(self.clickhouse, ("request", "error"), since=started_ns)
+            points = [p for p in _run(read) if p.tags.get("service") == SERVICE]
+            return points, f"ClickHouse {self.clickhouse}, this run"
         if self.copy is not None:
             return self.copy.points, "an in-memory copy"
         assert self.file is not None
@@ -271,12 +300,17 @@ class _DemoOutput:
 
 
 def _demo_output(
-    out: Path | None, influx: InfluxTarget | None, settings: MonitoringSettings | None
+    out: Path | None,
+    influx: InfluxTarget | None,
+    settings: MonitoringSettings | None,
+    clickhouse: ClickHouseTarget | None = None,
 ) -> _DemoOutput:
-    """The sinks of the run: into InfluxDB, the sinks of ``settings`` (plus a copy for the
-    report), or the line-protocol file ``out``."""
+    """The sinks of the run: into InfluxDB or ClickHouse, the sinks of ``settings`` (plus a
+    copy for the report), or the line-protocol file ``out``."""
     if influx is not None:
         return _DemoOutput(f"InfluxDB {influx}", [influx.sink()], influx=influx)
+    if clickhouse is not None:
+        return _DemoOutput(f"ClickHouse {clickhouse}", [clickhouse.sink()], clickhouse=clickhouse)
     if settings is not None:
         from lunamon.errors import SettingsError
         from lunamon.sinks.memory import MemorySink
@@ -304,14 +338,16 @@ def _demo(args: argparse.Namespace) -> int:
     if requests is None and args.duration is None:
         requests = DEFAULT_REQUESTS
     influx = _influx_target(args.influx) if args.influx else None
+    clickhouse = _clickhouse_target(args.clickhouse) if args.clickhouse else None
     settings = _load_settings(args.config) if args.config else None
-    out = Path(args.out or DEFAULT_OUT) if influx is None and settings is None else None
+    elsewhere = influx is not None or clickhouse is not None or settings is not None
+    out = Path(args.out or DEFAULT_OUT) if not elsewhere else None
     if out is not None:
         try:
             out.write_bytes(b"")  # each run starts a fresh file; fail now when not writable
         except OSError as exc:
             raise CommandError(f"--out {out}: {exc.strerror or exc}") from None
-    output = _demo_output(out, influx, settings)
+    output = _demo_output(out, influx, settings, clickhouse)
     console = _console()
 
     bar = _Bar(requests, "requests", not args.no_progress)
@@ -330,6 +366,10 @@ def _demo(args: argparse.Namespace) -> int:
         from lunamon.cli.influxql import ping
 
         _run(ping(influx))  # an unreachable server is told before the service starts
+    if clickhouse is not None:
+        from lunamon.cli import clickhouse as clickhouse_cli
+
+        _run(clickhouse_cli.ping(clickhouse))
     with bar:
         result = _run(
             run_demo(
@@ -372,7 +412,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.html:
         _write_html(report, args.html, console)
     _check_delivered(result.stats, output.destination)
-    if settings is None:  # a file or InfluxDB: what is there must be what the stats say
+    if settings is None:  # a file, InfluxDB or ClickHouse: what is there is what the stats say
         (written,) = (s["written"] for name, s in result.stats.items() if name != "metrics")
         if len(points) != written:
             raise CommandError(
@@ -398,14 +438,27 @@ def _report(args: argparse.Namespace) -> int:
         _require("plotly", "--html")
     from lunamon.cli.report import ReportInputError, build_report, load_file, print_report
 
-    if (args.file is None) == (args.influx is None):
-        raise CommandError("give either a line-protocol FILE or --influx URL")
-    if args.influx is None and (args.database or args.since):
-        raise CommandError("--database and --since go with --influx")
+    sources = [args.file, args.influx, args.clickhouse]
+    if sum(source is not None for source in sources) != 1:
+        raise CommandError("give either a line-protocol FILE or --influx URL (or --clickhouse URL)")
+    if args.influx is None and args.clickhouse is None and (args.database or args.since):
+        raise CommandError("--database and --since go with --influx or --clickhouse")
     try:
         if args.file is not None:
             points = load_file(args.file)
             source = args.file
+        elif args.clickhouse is not None:
+            from lunamon.cli.clickhouse import query_points as clickhouse_points
+            from lunamon.cli.clickhouse import since_ns
+
+            clickhouse = _clickhouse_target(args.clickhouse, args.database)
+            try:
+                cutoff = since_ns(args.since or "1h")
+            except ValueError as exc:
+                raise CommandError(f"--since: {exc}") from None
+            read = clickhouse_points(clickhouse, ("request", "error"), since=cutoff)
+            points = _run(read)
+            source = f"ClickHouse {clickhouse}, last {args.since or '1h'}"
         else:
             from lunamon.cli.influxql import parse_duration, query_points
 
@@ -435,15 +488,32 @@ def _report(args: argparse.Namespace) -> int:
 def _send(args: argparse.Namespace) -> int:
     _require("rich", "lunamon send")
     from lunamon.cli.report import ReportInputError, load_file
-    from lunamon.cli.send import send_points
 
-    target = _influx_target(args.influx, args.database)
+    options: dict[str, Any] = {"batch_size": args.batch_size, "max_retries": args.max_retries}
+    send: Callable[[Sequence[Point], Callable[[int], None]], Coroutine[Any, Any, Any]]
+    if args.clickhouse is not None:
+        from lunamon.cli import clickhouse
+
+        house = _clickhouse_target(args.clickhouse, args.database)
+        kind, shown = "ClickHouse", str(house)
+
+        def send(points: Sequence[Point], progress: Callable[[int], None]) -> Any:
+            return clickhouse.send_points(points, house, on_progress=progress, **options)
+    else:
+        from lunamon.cli.send import send_points
+
+        influx = _influx_target(args.influx, args.database)
+        kind, shown = "InfluxDB", str(influx)
+
+        def send(points: Sequence[Point], progress: Callable[[int], None]) -> Any:
+            return send_points(points, influx, on_progress=progress, **options)
+
     try:
         points = load_file(args.file)
     except ReportInputError as exc:
         raise CommandError(str(exc)) from None
     console = _console()
-    _say(console, f"lunamon send: {len(points):,} points from {args.file} -> InfluxDB {target}")
+    _say(console, f"lunamon send: {len(points):,} points from {args.file} -> {kind} {shown}")
     with _Bar(len(points), "points", not args.no_progress) as bar:
         bar.start()
         done = 0
@@ -453,18 +523,10 @@ def _send(args: argparse.Namespace) -> int:
             bar.advance(count - done)
             done = count
 
-        stats = _run(
-            send_points(
-                points,
-                target,
-                batch_size=args.batch_size,
-                max_retries=args.max_retries,
-                on_progress=on_progress,
-            )
-        )
+        stats: dict[str, SinkStats] = _run(send(points, on_progress))
     for line in _stats_lines(stats):
         _say(console, line)
-    _check_delivered(stats, str(target))
+    _check_delivered(stats, shown)
     return 0
 
 
@@ -549,6 +611,11 @@ def _parser() -> argparse.ArgumentParser:
         "--influx", metavar="URL", help="InfluxDB 1.x to write to: http://host:8086/database"
     )
     where.add_argument(
+        "--clickhouse",
+        metavar="URL",
+        help="ClickHouse to write to: http://host:8123[/database] (default luna_monitoring)",
+    )
+    where.add_argument(
         "--config", metavar="FILE", help="write to the sinks of a lunamon settings file"
     )
     demo.add_argument("--html", metavar="FILE", help="also write the HTML report with charts")
@@ -556,30 +623,36 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
-        help="latency, sub-step and error tables from a line-protocol file or InfluxDB",
+        help="latency, sub-step and error tables from a line-protocol file, InfluxDB or ClickHouse",
         description="Per route: requests, error rate, p50/p95/p99 execution_time, the share of"
         " each sub-step in the route's time, and errors by error_code and status.",
     )
     report.set_defaults(func=_report)
     report.add_argument("file", nargs="?", metavar="FILE", help="a line-protocol file")
     report.add_argument("--influx", metavar="URL", help="read from InfluxDB 1.x: http://host:8086")
+    report.add_argument(
+        "--clickhouse", metavar="URL", help="read from ClickHouse: http://host:8123"
+    )
     report.add_argument("--database", metavar="DB", help="the database (or as the URL's path)")
-    report.add_argument("--since", metavar="DURATION", help="InfluxDB time range: 15m, 1h, 7d")
+    report.add_argument(
+        "--since", metavar="DURATION", help="InfluxDB / ClickHouse time range: 15m, 1h, 7d"
+    )
     report.add_argument("--service", help="only points of this service tag")
     report.add_argument("--html", metavar="FILE", help="write a self-contained page with charts")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
 
     send = commands.add_parser(
         "send",
-        help="ship a line-protocol file into InfluxDB in batches",
+        help="ship a line-protocol file into InfluxDB or ClickHouse in batches",
         description="Write the points of a line-protocol file (the demo's, a file sink's) to"
-        " InfluxDB 1.x through lunamon's flusher: batches, retries with backoff, stats.",
+        " InfluxDB 1.x or ClickHouse through lunamon's flusher: batches, retries with backoff,"
+        " stats.",
     )
     send.set_defaults(func=_send)
     send.add_argument("file", metavar="FILE", help="a line-protocol file")
-    send.add_argument(
-        "--influx", metavar="URL", required=True, help="http://[user:pass@]host:8086/database"
-    )
+    into = send.add_mutually_exclusive_group(required=True)
+    into.add_argument("--influx", metavar="URL", help="http://[user:pass@]host:8086/database")
+    into.add_argument("--clickhouse", metavar="URL", help="http://[user:pass@]host:8123[/database]")
     send.add_argument("--database", metavar="DB", help="the database (or as the URL's path)")
     send.add_argument("--batch-size", type=_positive_int, default=5000, help="default 5000")
     send.add_argument(

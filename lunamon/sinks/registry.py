@@ -39,6 +39,7 @@ ENTRY_POINT_GROUP: Final = "lunamon.sinks"
 
 BUILTIN_SINKS: Final[Mapping[str, str]] = MappingProxyType(
     {
+        "clickhouse": "lunamon.sinks.clickhouse:ClickHouseSink",
         "file": "lunamon.sinks.file:LineProtocolFileSink",
         "influxdb": "lunamon.sinks.influxdb:InfluxDBSink",
         "influxdb_v2": "lunamon.sinks.influxdb_v2:InfluxDBV2Sink",

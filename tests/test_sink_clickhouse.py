@@ -1,0 +1,777 @@
+"""ClickHouseSink against a real clickhouse-server 18.16: LUNA's row format, exact delivery
+through ``lunamon.setup``, a server killed mid-run, credentials, bad input read back, and
+the classification of ClickHouse's real error answers."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import math
+import re
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from _rel_support import (
+    SEED_PATHS,
+    Answer,
+    ClientFactory,
+    assert_invariant,
+    drive,
+    eventually,
+    fast_policy,
+)
+from servers import ClickHouseServer, FakeInfluxServer, FakeResponse, free_port
+from structlog.testing import capture_logs
+
+import lunamon
+from lunamon import MONITORING_KEY, Monitoring, MonitoringSettings, Point
+from lunamon.demo.service import create_app
+from lunamon.errors import BatchTooLarge, SinkError
+from lunamon.point import FieldValue
+from lunamon.sinks.clickhouse import (
+    ClickHouseSink,
+    _time_column,
+    _TimeColumn,
+    classify_clickhouse_response,
+    encode_rows,
+    exception_code,
+    row_data,
+)
+from lunamon.sinks.registry import create_sink
+
+T0 = 1_700_000_000_123_456_789  # ns precision must survive
+FAILING_PATHS = ("/detector?fail=400", "/extractor?fail=500", "/extractor/upgrade?fail=http")
+_INTEGER = re.compile(r"0|-?[1-9][0-9]{0,18}")
+
+
+@pytest.fixture
+def db() -> str:
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def sink_for(
+    clickhouse: ClickHouseServer,
+) -> AsyncIterator[Callable[..., ClickHouseSink]]:
+    """Make ClickHouseSinks (default: the plain server); all are closed after the test."""
+    made: list[ClickHouseSink] = []
+
+    def make(
+        database: str, server: ClickHouseServer = clickhouse, **options: Any
+    ) -> ClickHouseSink:
+        options.setdefault("timeout", 5.0)
+        sink = ClickHouseSink(server.url, database, **options)
+        made.append(sink)
+        return sink
+
+    yield make
+    for sink in made:
+        await sink.close()
+
+
+def expected_data(point: Point) -> dict[str, Any]:
+    """The ``data`` object DESIGN.md §4 asks for, built independently of the sink's code."""
+    data: dict[str, Any] = {}
+    for key, value in point.tags.items():
+        number = int(value) if _INTEGER.fullmatch(value) else None
+        in_range = number is not None and -(2**63) <= number < 2**63
+        data[key] = number if in_range else value
+    data.update(point.fields)
+    return data
+
+
+def typed(data: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """Values with their JSON types (1 == 1.0 == True in Python)."""
+    return {key: (type(value).__name__, value) for key, value in data.items()}
+
+
+async def stored(server: ClickHouseServer, db: str, table: str) -> list[tuple[int, dict[str, Any]]]:
+    """``server.data`` in a worker thread: the event loop keeps serving and flushing."""
+    return await asyncio.to_thread(server.data, db, table)
+
+
+async def stored_ids(server: ClickHouseServer, db: str, table: str = "request") -> list[str]:
+    return [str(data["request_id"]) for _, data in await stored(server, db, table)]
+
+
+def stats_of(monitoring: Monitoring, name: str = "clickhouse") -> dict[str, Any]:
+    stats = monitoring.stats()
+    assert_invariant(stats)
+    return dict(stats[name])
+
+
+def seed_points() -> list[Point]:
+    tags = {"service": "luna-events", "route": "POST:/events", "status_code": "204"}
+    request = Point("request", T0, tags, {"request_id": "1536751345,6a5c", "execution_time": 1.0})
+    error_tags = {**tags, "status_code": "500", "error_code": "1"}
+    error = Point("error", T0, error_tags, {"request_id": "1536751345,6a5c"})
+    return [request, error]
+
+
+# --------------------------------------------------------------------------- format
+
+
+async def test_rows_are_lunas_time_and_data(
+    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    sink = sink_for(db)
+    await sink.start()
+    request, error = seed_points()
+    await sink.write([request, error])
+    assert await stored(clickhouse, db, "request") == [
+        (
+            T0,
+            {
+                "service": "luna-events",
+                "route": "POST:/events",
+                "status_code": 204,
+                "request_id": "1536751345,6a5c",
+                "execution_time": 1.0,
+            },
+        )
+    ]
+    ((time_ns, data),) = await stored(clickhouse, db, "error")
+    assert time_ns == T0
+    assert typed(data) == typed(expected_data(error))
+    assert data["error_code"] == 1
+    # The exact text: compact, execution_time a float even when whole.
+    (row,) = clickhouse.rows(f"SELECT data FROM {db}.request")
+    assert row["data"] == (
+        '{"service":"luna-events","route":"POST:/events","status_code":204,'
+        '"request_id":"1536751345,6a5c","execution_time":1.0}'
+    )
+    schema = clickhouse.query(f"SHOW CREATE TABLE {db}.request")
+    assert "time Int64" in schema
+    assert "data String" in schema
+    assert "MergeTree" in schema
+
+
+def test_tag_values_that_are_decimal_integers_become_numbers() -> None:
+    tags = {
+        "status_code": "204",
+        "error_code": "0",
+        "negative": "-3",
+        "int64_max": "9223372036854775807",
+        "beyond_int64": "9223372036854775808",
+        "leading_zero": "007",
+        "minus_zero": "-0",
+        "plus": "+3",
+        "float": "1.5",
+        "exponent": "1e3",
+        "spaced": " 1",
+        "arabic_digits": "٣",
+        "uuid": "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+    }
+    data = row_data(Point("request", T0, tags, {"f": 1.0}))
+    assert data == {
+        "status_code": 204,
+        "error_code": 0,
+        "negative": -3,
+        "int64_max": 9223372036854775807,
+        "beyond_int64": "9223372036854775808",
+        "leading_zero": "007",
+        "minus_zero": "-0",
+        "plus": "+3",
+        "float": "1.5",
+        "exponent": "1e3",
+        "spaced": " 1",
+        "arabic_digits": "٣",
+        "uuid": "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+        "f": 1.0,
+    }
+    assert data == expected_data(Point("request", T0, tags, {"f": 1.0}))
+
+
+def test_a_field_wins_over_a_tag_of_the_same_key() -> None:
+    point = Point("request", T0, {"k": "tag", "t": "1"}, {"k": "field"})
+    assert row_data(point) == {"k": "field", "t": 1}
+    (line,) = encode_rows([point]).decode().splitlines()
+    assert json.loads(line)["data"] == '{"k":"field","t":1}'
+
+
+def test_field_types_in_data() -> None:
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    fields: dict[str, FieldValue] = {
+        "f": 1.0,
+        "small": 1e-05,
+        "i": -7,
+        "b": True,
+        "s": "x",
+        "level": Level.HIGH,
+    }
+    point = Point.trusted("request", T0, {}, {**fields, "nan": math.nan, "inf": -math.inf})
+    (line,) = encode_rows([point]).decode().splitlines()
+    data = json.loads(json.loads(line)["data"])
+    assert typed(data) == typed({**fields, "level": 3})  # nan/inf have no JSON: omitted
+    assert json.loads(line)["data"] == '{"f":1.0,"small":1e-05,"i":-7,"b":true,"s":"x","level":3}'
+
+
+def test_time_column_encodings() -> None:
+    assert _time_column("Int64") == _TimeColumn(None)
+    assert _time_column("UInt64") == _TimeColumn(None)
+    assert _time_column("DateTime64(9, 'UTC')") == _TimeColumn(9)
+    assert _time_column("DateTime64(3)") == _TimeColumn(3)
+    assert _time_column("DateTime") == _TimeColumn(0)
+    assert _time_column("DateTime('Europe/Moscow')") == _TimeColumn(0)
+    assert _TimeColumn(None).encode(T0) == str(T0)
+    assert _TimeColumn(9).encode(T0) == '"1700000000.123456789"'
+    assert _TimeColumn(3).encode(T0) == '"1700000000.123"'
+    assert _TimeColumn(0).encode(T0) == '"1700000000"'
+    assert _TimeColumn(9).encode(1_000_000_007) == '"1.000000007"'
+
+
+async def test_an_existing_datetime_table_gets_seconds(
+    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    """Tables that exist are used as they are: their time column's type decides."""
+    clickhouse.query(f"CREATE DATABASE {db}")
+    clickhouse.query(
+        f"CREATE TABLE {db}.request (time DateTime, data String) ENGINE = MergeTree() ORDER BY time"
+    )
+    clickhouse.query(
+        f"CREATE TABLE {db}.error (time UInt64, data String) ENGINE = MergeTree() ORDER BY time"
+    )
+    sink = sink_for(db)
+    await sink.start()
+    await sink.write(seed_points())
+    rows = clickhouse.rows(f"SELECT toUInt32(time) AS s, data FROM {db}.request")
+    assert [int(row["s"]) for row in rows] == [T0 // 10**9]
+    assert [t for t, _ in clickhouse.data(db, "error")] == [T0]
+
+
+async def test_gzip_off_and_other_series_get_their_own_tables(
+    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    sink = sink_for(db, gzip=False)
+    await sink.write([Point("cpu", T0, {"host": "a"}, {"usage": 0.5}), *seed_points()])
+    assert clickhouse.data(db, "cpu") == [(T0, {"host": "a", "usage": 0.5})]
+    assert clickhouse.count(db, "request") == clickhouse.count(db, "error") == 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def bad_input_points() -> list[Point]:
+    specials = [
+        '"',
+        "'",
+        "\\",
+        "\\\\",
+        'a"b\\c',
+        "trailing \\",
+        "\\u0041 is not A",
+        "ü€😀 日本",
+        "\t\x01\x1f\x7f",
+        "`backquote`",
+        "</script>",
+        '{"k":1}',
+        "Code: 62, e.displayText()",
+    ]
+    points = []
+    for index, text in enumerate(specials):
+        tags = {"case": str(index), "route": f"POST:/x{text}y", f"k{text}x": "v"}
+        fields: dict[str, object] = {
+            "s": text,
+            "multi": f"line1\n{text}\r\nline3\x00end",
+            f"f{text}x": 1.5,
+            "execution_time": 0.25,
+        }
+        points.append(Point("request", T0 + index, tags, fields))
+    # Series with specials are tables of their own (backquoted).
+    points.append(Point("esc`table\\x y", T0, {"t": "a'b"}, {"v": 1}))
+    # Tags built by code (Point.trusted) may hold what Point() would sanitise.
+    points.append(Point.trusted("request", T0 + 100, {"nl": "a\nb\rc"}, {"s": "x"}))
+    # A lone surrogate cannot be UTF-8: written with \u escapes, read back the same.
+    points.append(Point("request", T0 + 101, {"case": "surrogate"}, {"s": "bad \udc80 end"}))
+    return points
+
+
+async def test_bad_input_comes_back_exactly(
+    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    points = bad_input_points()
+    sink = sink_for(db)
+    await sink.write(points)
+    for table in ("request", "esc`table\\x y"):
+        quoted = "`" + table.replace("\\", "\\\\").replace("`", "\\`") + "`"
+        rows = clickhouse.rows(f"SELECT time, data FROM {db}.{quoted} ORDER BY time")
+        written = [p for p in points if p.series == table]
+        assert [int(row["time"]) for row in rows] == [p.time_ns for p in written]
+        for row, point in zip(rows, written, strict=True):
+            assert typed(json.loads(row["data"])) == typed(expected_data(point)), point
+
+
+async def test_visit_param_functions_read_the_data_column(
+    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    """The README's 18.16 queries: compact JSON is what visitParamExtract* need."""
+    points = [
+        Point(
+            "request",
+            T0 + k,
+            {"service": "s", "route": f"POST:/r{k % 2}", "status_code": str(200 + k % 3)},
+            {"request_id": f"id-{k}", "execution_time": (k + 1) / 1000},
+        )
+        for k in range(10)
+    ]
+    sink = sink_for(db)
+    await sink.write(points)
+    rows = clickhouse.rows(
+        "SELECT visitParamExtractString(data, 'route') AS route, count() AS n,"
+        " max(visitParamExtractFloat(data, 'execution_time')) AS slowest,"
+        " countIf(visitParamExtractInt(data, 'status_code') = 200) AS ok"
+        f" FROM {db}.request GROUP BY route ORDER BY route"
+    )
+    assert [(r["route"], int(r["n"]), r["slowest"], int(r["ok"])) for r in rows] == [
+        ("POST:/r0", 5, 0.009, 2),
+        ("POST:/r1", 5, 0.01, 2),
+    ]
+
+
+def test_every_row_is_one_line_of_json() -> None:
+    points = bad_input_points()
+    body = encode_rows(points)
+    lines = body.decode("utf-8").split("\n")
+    assert lines[-1] == ""
+    assert len(lines) - 1 == len(points)
+    for line, point in zip(lines, points, strict=False):
+        row = json.loads(line)
+        assert row["time"] == point.time_ns
+        assert json.loads(row["data"]) == expected_data(point)
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+async def test_exact_delivery_through_setup(
+    aiohttp_client: ClientFactory, clickhouse: ClickHouseServer, db: str
+) -> None:
+    """Every request id once in ``request``, every failed one once in ``error``."""
+    sink = ClickHouseSink(clickhouse.url, db, timeout=5.0)
+    app = create_app(sinks=[sink], **fast_policy(batch_size=37))
+    monitoring = app[MONITORING_KEY]
+    client = await aiohttp_client(app)
+    answers = await drive(client, 150, paths=SEED_PATHS + FAILING_PATHS, monitoring=monitoring)
+    await monitoring.flush()
+    await eventually(lambda: stats_of(monitoring)["buffered"] == 0, what="all written")
+    await client.close()  # drains and closes the monitoring
+    stats = stats_of(monitoring)
+    failed = [a for a in answers if a.status >= 400]
+    assert len(failed) == sum("fail=" in a.path for a in answers) > 0
+    assert stats["written"] == stats["emitted"] == len(answers) + len(failed)
+    assert sum(stats["dropped"].values()) == 0
+    assert sorted(await stored_ids(clickhouse, db)) == sorted(a.request_id for a in answers)
+    assert sorted(await stored_ids(clickhouse, db, "error")) == sorted(a.request_id for a in failed)
+    rows = await stored(clickhouse, db, "error")
+    assert {d["status_code"] for _, d in rows} == {400, 500}
+    assert all(type(d["error_code"]) is int for _, d in rows)
+
+
+async def test_server_killed_and_restarted_mid_run_nothing_lost(
+    aiohttp_client: ClientFactory, clickhouse_factory: Callable[..., ClickHouseServer], db: str
+) -> None:
+    server = clickhouse_factory()
+    bound = 500
+    sink = ClickHouseSink(server.url, db, timeout=1.0)
+    app = create_app(sinks=[sink], **fast_policy(buffer_size=bound, batch_size=50))
+    monitoring = app[MONITORING_KEY]
+    client = await aiohttp_client(app)
+    paths = SEED_PATHS + FAILING_PATHS[:1]
+    before = await drive(client, 60, paths=paths, monitoring=monitoring)
+    await eventually(lambda: stats_of(monitoring)["buffered"] == 0, what="phase 1 written")
+
+    traffic = asyncio.create_task(
+        drive(client, 240, concurrency=2, paths=paths, monitoring=monitoring)
+    )
+    await eventually(lambda: stats_of(monitoring)["emitted"] >= 100, what="traffic flowing")
+    await asyncio.to_thread(server.kill)
+    during = await traffic
+    assert stats_of(monitoring)["buffered"] > 0
+    await eventually(lambda: stats_of(monitoring)["retries"] >= 1, what="retries while down")
+    await asyncio.to_thread(server.start)
+    after = await drive(client, 60, paths=paths, monitoring=monitoring)
+    await eventually(lambda: stats_of(monitoring)["buffered"] == 0, what="all written")
+    await client.close()
+
+    answers: list[Answer] = before + during + after
+    failed = [a for a in answers if a.status >= 400]
+    assert all(a.status in (200, 201, 400) for a in answers)
+    stats = stats_of(monitoring)
+    assert sum(stats["dropped"].values()) == 0
+    assert stats["written"] == stats["emitted"] == len(answers) + len(failed)
+    assert sorted(await stored_ids(server, db)) == sorted(a.request_id for a in answers)
+    assert sorted(await stored_ids(server, db, "error")) == sorted(a.request_id for a in failed)
+
+
+async def test_a_retried_batch_does_not_send_a_stored_table_again(
+    fake_influx: FakeInfluxServer,
+) -> None:
+    """The request INSERT succeeds, the error INSERT fails retryably: the retry of the same
+    batch sends the error rows only; another batch (a new list) sends both."""
+    overloaded = (
+        "Code: 202, e.displayText() = DB::Exception: Too many simultaneous queries for user"
+        " default. Current: 1, maximum: 1, e.what() = DB::Exception\n"
+    )
+    fake_influx.program(
+        FakeResponse(200, "Int64\n"),  # system.columns of request
+        FakeResponse(200),  # INSERT request
+        FakeResponse(200, "Int64\n"),  # system.columns of error
+        FakeResponse(500, overloaded),  # INSERT error
+        FakeResponse(200),  # INSERT error, retried
+    )
+    sink = ClickHouseSink(fake_influx.url, "db", create_tables=False)
+    batch = seed_points()
+    try:
+        with pytest.raises(SinkError) as caught:
+            await sink.write(batch)
+        assert caught.value.retryable
+        assert caught.value.status == 500
+        assert "Code 202 too many simultaneous queries" in str(caught.value)
+        await sink.write(batch)
+        await sink.write(list(batch))  # a new batch: both tables
+    finally:
+        await sink.close()
+    inserts = [r.query["query"] for r in fake_influx.requests if "query" in r.query]
+    assert inserts == [
+        "INSERT INTO `db`.`request` FORMAT JSONEachRow",
+        "INSERT INTO `db`.`error` FORMAT JSONEachRow",
+        "INSERT INTO `db`.`error` FORMAT JSONEachRow",
+        "INSERT INTO `db`.`request` FORMAT JSONEachRow",
+        "INSERT INTO `db`.`error` FORMAT JSONEachRow",
+    ]
+    request = next(r for r in fake_influx.requests if "query" in r.query)
+    assert request.headers["Content-Encoding"] == "gzip"
+    assert json.loads(request.body)["time"] == T0
+
+
+async def test_a_refused_second_table_counts_the_first_as_written(
+    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    """``delivered=``: the flusher counts the stored points written, the others rejected."""
+    clickhouse.query(f"CREATE DATABASE {db}")
+    clickhouse.query(
+        f"CREATE TABLE {db}.request (time Int64, data String) ENGINE = MergeTree() ORDER BY time"
+    )
+    sink = sink_for(db, create_tables=False)
+    points = [*seed_points(), *seed_points()[:1]]
+    with pytest.raises(SinkError) as caught:
+        await sink.write(list(points))
+    assert not caught.value.retryable
+    assert caught.value.delivered == 2
+    assert exception_code(caught.value.server_text) == 60
+    assert clickhouse.count(db, "request") == 2
+
+    monitoring = Monitoring(MonitoringSettings(service="t", max_retries=0), [sink])
+    await monitoring.start()
+    for point in points:
+        monitoring.emit(point)
+    await monitoring.flush()
+    stats = stats_of(monitoring)
+    await monitoring.close()
+    assert (stats["written"], stats["dropped"]["rejected"], stats["buffered"]) == (2, 1, 0)
+    assert clickhouse.count(db, "request") == 4
+
+
+async def test_database_dropped_while_running_is_created_again(
+    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    sink = sink_for(db)
+    await sink.start()  # creates the database and both tables
+    assert set(clickhouse.query(f"SHOW TABLES FROM {db}").split()) == {"request", "error"}
+    clickhouse.drop_database(db)
+    await sink.write(seed_points())  # 81 -> created -> sent once more
+    assert clickhouse.count(db, "request") == clickhouse.count(db, "error") == 1
+
+
+async def test_no_table_is_created_when_not_allowed(
+    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    sink = sink_for(db, create_tables=False)
+    await sink.start()
+    with pytest.raises(SinkError) as caught:
+        await sink.write(seed_points())
+    assert caught.value.status == 404
+    assert not caught.value.retryable
+    assert "Code 81 unknown database" in str(caught.value)
+    assert db not in clickhouse.query("SHOW DATABASES").split()
+
+
+async def test_server_down_at_start_tables_created_before_first_write(
+    clickhouse_factory: Callable[..., ClickHouseServer], db: str
+) -> None:
+    server = clickhouse_factory()
+    await asyncio.to_thread(server.kill)
+    sink = ClickHouseSink(server.url, db, timeout=2.0)
+    try:
+        with capture_logs() as logs:
+            await sink.start()  # must not raise
+        assert [e["event"] for e in logs] == ["clickhouse_create_tables_failed"]
+        assert logs[0]["will_retry"] is True
+        with pytest.raises(SinkError) as caught:
+            await sink.write(seed_points())
+        assert caught.value.retryable
+        await asyncio.to_thread(server.start)
+        await sink.write(seed_points())
+    finally:
+        await sink.close()
+    assert server.count(db, "request") == server.count(db, "error") == 1
+
+
+async def test_write_after_close_is_not_retryable(
+    sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    sink = sink_for(db)
+    await sink.start()
+    await sink.close()
+    with pytest.raises(SinkError) as caught:
+        await sink.write(seed_points())
+    assert not caught.value.retryable
+
+
+async def test_connection_refused_is_retryable(db: str) -> None:
+    sink = ClickHouseSink(f"http://127.0.0.1:{free_port()}", db, timeout=2.0)
+    try:
+        with pytest.raises(SinkError) as caught:
+            await sink.write(seed_points())
+    finally:
+        await sink.close()
+    assert caught.value.retryable
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+async def test_password_in_headers_writes(
+    clickhouse_auth: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    sink = sink_for(db, server=clickhouse_auth, password=clickhouse_auth.password)
+    await sink.start()
+    await sink.write(seed_points())
+    assert clickhouse_auth.count(db, "request") == 1
+
+
+async def test_wrong_password_is_rejected_counted_and_never_shown(
+    aiohttp_client: ClientFactory, clickhouse_auth: ClickHouseServer, db: str
+) -> None:
+    password = "Wr0ng-Pa55w0rd-ch9"
+    sink = ClickHouseSink(clickhouse_auth.url, db, password=password, timeout=5.0)
+    with capture_logs() as logs:
+        app = create_app(sinks=[sink], **fast_policy(max_retries=2))
+        monitoring = app[MONITORING_KEY]
+        client = await aiohttp_client(app)
+        answers = await drive(client, 20, monitoring=monitoring)
+        await monitoring.flush()
+        await eventually(lambda: stats_of(monitoring)["buffered"] == 0, what="refused")
+        with pytest.raises(SinkError) as caught:
+            await sink.write(seed_points())
+        await client.close()
+    stats = stats_of(monitoring)
+    assert stats["dropped"]["rejected"] == stats["emitted"] == len(answers)
+    assert stats["written"] == stats["retries"] == 0
+    error = caught.value
+    assert error.status == 401
+    assert not error.retryable
+    assert "Code 193 wrong password" in str(error)
+    assert password not in str(error)
+    assert password not in repr(error)
+    assert password not in "".join(traceback.format_exception(error))
+    events = [e["event"] for e in logs]
+    assert "clickhouse_create_tables_failed" in events
+    assert "batch_rejected" in events
+    assert password not in repr(logs)
+    assert password not in repr(sink)
+    assert password not in repr(vars(sink))
+
+
+async def test_missing_password_and_unknown_user_are_refused(
+    clickhouse_auth: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    for options, code in (({}, (193, 194, 516)), ({"username": "nobody"}, (192, 516))):
+        sink = sink_for(db, server=clickhouse_auth, create_tables=False, **options)
+        with pytest.raises(SinkError) as caught:
+            await sink.write(seed_points())
+        assert caught.value.status == 401
+        assert not caught.value.retryable
+        assert exception_code(caught.value.server_text) in code
+
+
+async def test_read_only_user_creation_and_insert_are_refused(
+    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+) -> None:
+    sink = sink_for(
+        db,
+        username=clickhouse.reader_user,
+        password=clickhouse.reader_password,
+        allow_plain_credentials=True,
+    )
+    with capture_logs() as logs:
+        await sink.start()  # CREATE refused (164): logged once, not raised
+    assert [e["event"] for e in logs] == ["clickhouse_create_tables_failed"]
+    assert "Code 164 read-only user" in logs[0]["error"]
+    with pytest.raises(SinkError) as caught:
+        await sink.write(seed_points())
+    assert not caught.value.retryable
+    assert exception_code(caught.value.server_text) in (81, 164)
+
+
+def test_credentials_never_in_urls_repr_or_plain_http_to_another_host() -> None:
+    password = "S3cr3t-P4ss-ch"
+    sink = ClickHouseSink("https://ch.example:8443", "db", "luna", password)
+    for text in (repr(sink), str(sink), repr(vars(sink)), sink.url):
+        assert password not in text
+    assert "'***'" in repr(sink)
+    with pytest.raises(ValueError, match="must not hold credentials") as caught:
+        ClickHouseSink(f"http://luna:{password}@127.0.0.1:8123")
+    assert password not in str(caught.value)
+    with pytest.raises(ValueError, match="plain HTTP"):
+        ClickHouseSink("http://ch.example:8123", "db", "luna", password)
+    ClickHouseSink("http://ch.example:8123", "db", "luna", password, allow_plain_credentials=True)
+    ClickHouseSink("http://127.0.0.1:8123", "db", "luna", password)  # loopback
+    with pytest.raises(ValueError, match="http://host:port"):
+        ClickHouseSink("ftp://127.0.0.1:8123")
+    with pytest.raises(ValueError, match="no query"):
+        ClickHouseSink("http://127.0.0.1:8123/?password=x")
+    with pytest.raises(ValueError, match="needs a username"):
+        ClickHouseSink(username="", password=password)
+
+
+def test_a_settings_file_table_builds_the_sink(tmp_path: Any) -> None:
+    path = tmp_path / "service.toml"
+    path.write_text(
+        '[monitoring]\nservice = "luna-events"\n\n[[monitoring.sinks]]\ntype = "clickhouse"\n'
+        'url = "http://127.0.0.1:8123"\ndatabase = "luna"\nusername = "luna"\n'
+        'password_env = "CH_PASSWORD"\ngzip = false\n'
+    )
+    settings = MonitoringSettings.load(path, env={"CH_PASSWORD": "env-s3cret-pw"})
+    (sink,) = settings.build_sinks()
+    assert isinstance(sink, lunamon.ClickHouseSink)
+    assert (sink.url, sink.database, sink.username, sink.gzip) == (
+        "http://127.0.0.1:8123",
+        "luna",
+        "luna",
+        False,
+    )
+    assert sink._headers() == {"X-ClickHouse-User": "luna", "X-ClickHouse-Key": "env-s3cret-pw"}
+    assert "env-s3cret-pw" not in repr(settings)
+    assert isinstance(create_sink("clickhouse", {}), ClickHouseSink)
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _slow_query_holder(server: ClickHouseServer) -> threading.Thread:
+    thread = threading.Thread(target=server.request, args=("SELECT sleep(2)",), daemon=True)
+    thread.start()
+    return thread
+
+
+_URL_SETTINGS = {
+    202: {"max_concurrent_queries_for_user": "1"},
+    241: {"max_memory_usage": "1"},
+}
+
+
+_INSERT = "INSERT INTO {db}.t FORMAT JSONEachRow"
+_SLOW = "SELECT count() FROM system.numbers SETTINGS max_execution_time = 1"
+_BIG = "SELECT groupArray(number) FROM numbers(1000)"  # with max_memory_usage=1 in the URL
+# (id, sql, body, HTTP status, code, retryable, reason): each answer provoked for real
+_REAL_ANSWERS = [
+    ("SELEC 1", None, 400, 62, False, "syntax error"),
+    ("INSERT INTO nodb_x.t FORMAT JSONEachRow", b"{}", 404, 81, False, "unknown database"),
+    ("INSERT INTO {db}.nope FORMAT JSONEachRow", b"{}", 404, 60, False, "unknown table"),
+    (_INSERT, b'{"time":"x","data":""}', 500, 27, False, "cannot parse input"),
+    (_INSERT, b'{"time":1,"data":5}', 400, 26, False, "cannot parse JSON string"),
+    (_INSERT, b'{"time":1,"nope":""}', 500, 117, False, "incorrect data"),
+    (_INSERT.replace("JSONEachRow", "JSONEachRo"), b"{}", 404, 73, False, "unknown format"),
+    (_SLOW, None, 500, 159, True, "timeout exceeded"),
+    (_BIG, None, 500, 241, True, "memory limit exceeded"),
+    (_INSERT, b'{"time":1,"data":""}', 500, 164, False, "read-only user"),
+    ("SELECT 1", None, 401, 193, False, "wrong password"),
+    ("SELECT 1", None, 500, 202, True, "too many simultaneous queries"),
+    ("SELECT throwIf(1)", None, 500, 395, True, ""),  # a code in neither list, on a 5xx
+]
+
+
+@pytest.mark.parametrize(
+    ("sql", "body", "status", "code", "retryable", "reason"),
+    _REAL_ANSWERS,
+    ids=[str(case[3]) for case in _REAL_ANSWERS],
+)
+def test_classification_of_real_answers(
+    clickhouse: ClickHouseServer,
+    sql: str,
+    body: bytes | None,
+    status: int,
+    code: int,
+    retryable: bool,
+    reason: str,
+) -> None:
+    db = "lunamon_classify"
+    clickhouse.query(f"CREATE DATABASE IF NOT EXISTS {db}")
+    clickhouse.query(
+        f"CREATE TABLE IF NOT EXISTS {db}.t (time Int64, data String) ENGINE = MergeTree()"
+        " ORDER BY time"
+    )
+    auth = None
+    if code == 193:
+        auth = ("default", "not-the-password")  # the plain server's default has none
+    if code == 164:
+        auth = (clickhouse.reader_user, clickhouse.reader_password)
+    holder = _slow_query_holder(clickhouse) if code == 202 else None
+    if holder is not None:
+        time.sleep(0.3)  # the other query is running
+    params = _URL_SETTINGS.get(code)
+    answer_status, answer, header_code = clickhouse.request(
+        sql.format(db=db), body, auth=auth, params=params
+    )
+    if holder is not None:
+        holder.join()
+    text = answer.decode()
+    assert answer_status == status, text[:300]
+    assert text.startswith(f"Code: {code}, ")
+    error = classify_clickhouse_response(answer_status, text, {}, what="write")
+    assert error.retryable is retryable
+    assert error.status == status
+    assert str(error).startswith(f"write failed: HTTP {status} Code {code} {reason}".rstrip())
+    assert "DB::Exception" in error.server_text
+    assert exception_code(text) == code
+    assert header_code in ("", str(code))  # newer servers send X-ClickHouse-Exception-Code
+
+
+def test_classification_of_answers_the_test_server_cannot_give() -> None:
+    replica = (
+        "Code: 242. DB::Exception: Table is in readonly mode (replica path: /clickhouse/t)."
+        " (TABLE_IS_READ_ONLY) (version 23.8.2.7 (official build))"
+    )
+    error = classify_clickhouse_response(500, replica, {"X-ClickHouse-Exception-Code": "242"})
+    assert error.retryable
+    assert "Code 242 table is read-only" in str(error)
+    auth = "Code: 516. DB::Exception: luna: Authentication failed. (AUTHENTICATION_FAILED)"
+    error = classify_clickhouse_response(401, auth, {"X-ClickHouse-Exception-Code": "516"})
+    assert not error.retryable
+    assert "authentication failed" in str(error)
+    # The header wins over the text (a row's text may hold "Code: 62").
+    assert exception_code("Code: 62", {"X-ClickHouse-Exception-Code": "241"}) == 241
+    # No code: a proxy's answer, classified like the InfluxDB sinks'.
+    assert classify_clickhouse_response(502, "<html>Bad Gateway</html>").retryable
+    assert not classify_clickhouse_response(403, "forbidden").retryable
+    assert isinstance(classify_clickhouse_response(413, "too large"), BatchTooLarge)
+    error = classify_clickhouse_response(503, "busy", {"Retry-After": "7"})
+    assert error.retryable
+    assert error.retry_after == 7.0
+    # An unknown code: the HTTP status decides.
+    assert classify_clickhouse_response(500, "Code: 9999, odd").retryable
+    assert not classify_clickhouse_response(400, "Code: 9999, odd").retryable
+    # Secrets given to the classifier never show.
+    error = classify_clickhouse_response(
+        401, "Code: 193, Wrong password pw-s3cret-x", secrets=["pw-s3cret-x"]
+    )
+    assert "pw-s3cret-x" not in str(error)
