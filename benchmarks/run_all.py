@@ -24,7 +24,14 @@ from benchmarks._common import REPO, base_parser, python_module
 
 __all__ = ["SCRIPTS", "main"]
 
-SCRIPTS: Final = ("bench_service", "bench_timed", "bench_encode", "bench_write", "bench_memory")
+SCRIPTS: Final = (
+    "bench_service",
+    "bench_timed",
+    "bench_encode",
+    "bench_write",
+    "bench_clickhouse",
+    "bench_memory",
+)
 TIMEOUT: Final = 420.0  # seconds per script: every loop in them is bounded well below
 PACKAGES: Final = (
     "lunamon",

@@ -46,7 +46,11 @@ def run(argv: list[str]) -> str:
 
 
 # The programs a script runs besides Python.
-TOOLS = {"bench_service": ("wrk",), "bench_write": ("influxd",)}
+TOOLS = {
+    "bench_service": ("wrk",),
+    "bench_write": ("influxd",),
+    "bench_clickhouse": ("clickhouse-server",),
+}
 
 
 def run_script(script: str, *args: str, hide_peers: bool = False) -> str:
@@ -106,6 +110,12 @@ def test_write() -> None:
     rows = table(run_script("bench_write"))
     assert figure(row(rows, "raw aiohttp POST")) > 0
     assert figure(row(rows, "**lunamon** `InfluxDBSink`")) > 0
+
+
+def test_clickhouse() -> None:
+    rows = table(run_script("bench_clickhouse"))
+    assert figure(row(rows, "raw aiohttp POST")) > 0
+    assert figure(row(rows, "**lunamon** `ClickHouseSink()`")) > 0
 
 
 def test_memory() -> None:
