@@ -89,8 +89,11 @@ MUTATE_MODULES ?= lunamon/point.py lunamon/flusher.py lunamon/_recorder.py lunam
 	lunamon/sinks/_http.py lunamon/settings.py
 MUTATE_TESTS ?= tests/test_point.py tests/test_flusher.py tests/test_aiohttp.py \
 	tests/test_response_paths.py tests/test_collector.py tests/test_timing.py \
-	tests/test_server_timing.py tests/test_sink_http.py tests/test_tls_no_fallback.py tests/test_settings.py \
-	tests/test_settings_sources.py tests/test_registry.py
+	tests/test_server_timing.py tests/test_metrics.py tests/test_sink_http.py \
+	tests/test_tls_no_fallback.py tests/test_settings.py tests/test_settings_sources.py \
+	tests/test_registry.py
+# Tests of those modules that start a real server (not marked slow).
+MUTATE_DESELECT ?= tests/test_metrics.py::test_a_real_prometheus_scrapes_counts_quantiles_and_exemplars
 MUTMUT_DIR := .mutmut
 MUTATE_STAMP := $(VENV)/.mutate-installed
 
@@ -112,6 +115,7 @@ mutate: $(MUTATE_STAMP)
 	  echo 'only_mutate ='; \
 	  for m in $(MUTATE_MODULES); do echo "    $$m"; done; \
 	  echo 'also_copy = docs'; echo 'pytest_add_cli_args ='; echo '    -m'; echo '    not slow'; \
+	  for t in $(MUTATE_DESELECT); do echo "    --deselect=$$t"; done; \
 	  echo 'pytest_add_cli_args_test_selection ='; \
 	  for t in $(MUTATE_TESTS); do echo "    $$t"; done; } > $(MUTMUT_DIR)/setup.cfg
 	rm -rf $(MUTMUT_DIR)/mutants

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import math
 import os
 import random
 import sys
@@ -241,7 +242,7 @@ class Flusher:
         try:
             async with channel.lock:
                 await self._attempt_all(channel)
-        except Exception as exc:  # pragma: no cover - _attempt_all catches sink errors
+        except Exception as exc:  # _attempt_all catches sink errors; a log handler may raise
             logger.error("flush_failed", sink=channel.name, error=repr(exc)[:1024])
 
     async def close(self) -> None:
@@ -317,7 +318,11 @@ class Flusher:
             channel.wake.clear()
             channel.backing_off = False
             async with channel.lock:
-                done = await self._attempt_all(channel)
+                try:
+                    done = await self._attempt_all(channel)
+                except Exception as exc:  # a log handler that raises: the task goes on
+                    logger.error("flush_failed", sink=channel.name, error=repr(exc)[:1024])
+                    done = False
             if done:
                 timeout = self.policy.flush_interval
             else:
@@ -330,8 +335,11 @@ class Flusher:
         policy = self.policy
         if channel.retry_after is not None:
             return min(max(float(channel.retry_after), 0.0), policy.retry_max_delay)
-        exponent = min(max(channel.attempts - 1, 0), 64)  # 2.0 ** 1024 overflows
-        delay: float = min(policy.retry_max_delay, policy.retry_base_delay * 2.0**exponent)
+        try:  # base * 2 ** (attempts - 1), exactly, however small the base
+            delay = math.ldexp(policy.retry_base_delay, max(channel.attempts - 1, 0))
+        except OverflowError:
+            delay = policy.retry_max_delay
+        delay = min(policy.retry_max_delay, delay)
         return delay / 2 + self._rng.uniform(0, delay / 2)
 
     async def _attempt_all(self, channel: _Channel) -> bool:
@@ -400,7 +408,7 @@ class Flusher:
             sink=channel.name,
             attempt=channel.attempts,
             points=channel.buffered(),
-            error=str(exc)[:1024] or type(exc).__name__,
+            error=_error_text(exc),
         )
         return False
 
@@ -416,5 +424,15 @@ class Flusher:
             sink=channel.name,
             count=len(batch),
             status=status,
-            error=str(exc)[:1024] or type(exc).__name__,
+            error=_error_text(exc),
         )
+
+
+def _error_text(exc: BaseException) -> str:
+    """An exception's text for the log, cut to 1 KB; its type's name when it has no text
+    or cannot give one (a sink's exception whose ``__str__`` raises must not kill the task)."""
+    try:
+        text = str(exc)[:1024]
+    except Exception:
+        text = ""
+    return text or type(exc).__name__

@@ -425,3 +425,474 @@ async def test_a_sink_never_reached_does_not_hold_up_the_shutdown(
 
 async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
+
+
+async def test_error_code_precedence_exception_then_body_then_getter_then_default(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # README: the exception's `error_code`, else the JSON body's, else the `error_code=`
+    # callable's, else 1 for 5xx (or a raised exception) and 0 otherwise. Mutant killed:
+    # the callable consulted first (or whenever it answers), overriding the other two.
+    class LunaError(Exception):
+        error_code = 11
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        case = request.match_info["case"]
+        if case == "exception":
+            raise LunaError("carries its code")
+        if case == "raise":
+            raise RuntimeError("no code anywhere")
+        if case == "body":
+            return web.json_response({"error_code": 22, "desc": "luna error"}, status=400)
+        if case == "http":
+            raise web.HTTPConflict(text="plain")
+        return web.Response(status=int(case[-3:]), text="plain text")
+
+    seen: list[tuple[str, str]] = []
+
+    def getter(request: web.Request, outcome: web.StreamResponse | BaseException) -> int | None:
+        seen.append((request.match_info["case"], type(outcome).__name__))
+        return None if request.match_info["case"].startswith("none") else 77
+
+    sink = MemorySink()
+    app = web.Application()
+    app.router.add_get("/{case}", handler)
+    monitoring = lunamon.setup(app, service="svc", sinks=[sink], error_code=getter)
+    client = await aiohttp_client(app)
+    cases = ["exception", "body", "raise", "http", "text503", "text404", "none503", "none404"]
+    for case in cases:
+        await client.get(f"/{case}")
+    await monitoring.flush()
+    assert len(sink.series("error")) == len(cases)
+    assert {p.tags["status_code"] for p in sink.series("error")} == {
+        "500", "400", "409", "503", "404"
+    }  # fmt: skip
+    assert [p.fields["request_id"] for p in sink.series("error")] == [
+        p.fields["request_id"] for p in sink.series("request")
+    ]
+    by_case = dict(zip(cases, (p.tags["error_code"] for p in sink.series("error")), strict=True))
+    assert by_case == {
+        "exception": "11",  # the exception's attribute wins over the callable
+        "body": "22",  # the JSON body wins over the callable
+        "raise": "77",  # neither: the callable, given the exception
+        "http": "77",  # an HTTPException without a code: the callable
+        "text503": "77",
+        "text404": "77",
+        "none503": "1",  # the callable has no answer: 1 for a 5xx
+        "none404": "0",  # and 0 otherwise
+    }
+    # The callable is asked only when neither the exception nor the body had a code.
+    assert seen == [
+        ("raise", "RuntimeError"),
+        ("http", "HTTPConflict"),
+        ("text503", "Response"),
+        ("text404", "Response"),
+        ("none503", "Response"),
+        ("none404", "Response"),
+    ]
+
+
+# ------------------------------------------------------------------------ the recorder, in detail
+# (docs/mutation.md: each test below kills mutants of lunamon/_recorder.py the tests above
+# let through.)
+
+
+def _recorder_app(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    *paths: str,
+    method: str = "GET",
+    **options: Any,
+) -> tuple[web.Application, MemorySink]:
+    sink = MemorySink()
+    app = web.Application()
+    for path in paths:
+        app.router.add_route(method, path, handler)
+    lunamon.setup(app, service="svc", sinks=[sink], **options)
+    return app, sink
+
+
+async def test_points_of_a_route_and_status_share_one_tags_dict(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # The route's tag dicts are made once per status (and path-tag values), not per request
+    # (architecture.md, "Everything that depends on the route is computed once").
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app, sink = _recorder_app(handler, "/a", "/handlers/{handlerId}", method="*")
+    client = await aiohttp_client(app)
+    for path, method in [("/a", "GET"), ("/a", "GET"), ("/handlers/h1", "GET")] * 2 + [
+        ("/a", "PROPFIND"),
+        ("/a", "PROPFIND"),
+    ]:
+        assert (await client.request(method, path)).status == 200
+    await app[MONITORING_KEY].flush()
+    tags = [p.tags for p in sink.points]
+    assert tags[0] is tags[1] is tags[3] is tags[4]
+    assert tags[2] is tags[5]
+    assert tags[2] == {"service": "svc", "route": "GET:/handlers/{handlerId}",
+                       "status_code": "200", "handler_id": "h1"}  # fmt: skip
+    assert tags[6] is tags[7]  # an unusual method is folded into OTHER, once
+    assert tags[6]["route"] == "OTHER:/a"
+
+
+async def test_the_route_and_tag_caches_stay_within_their_bounds(
+    aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lunamon._recorder
+    from lunamon.aiohttp import RECORDER_KEY
+
+    monkeypatch.setattr(lunamon._recorder, "_MAX_ROUTES", 2)
+    monkeypatch.setattr(lunamon._recorder, "_MAX_TAG_SETS", 2)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app, sink = _recorder_app(handler, "/a", "/b", "/c", "/handlers/{handlerId}")
+    client = await aiohttp_client(app)
+    for path in ["/handlers/h1", "/handlers/h2", "/handlers/h3", "/handlers/h3", "/a", "/b", "/c"]:
+        assert (await client.get(path)).status == 200
+    await app[MONITORING_KEY].flush()
+    recorder = app[RECORDER_KEY]
+    assert len(recorder._routes) == 2
+    (handlers_route,) = [r for r in recorder._routes.values() if "handlers" in r.name]
+    assert len(handlers_route.tag_sets) == 2
+    assert [p.tags.get("handler_id") for p in sink.points[:4]] == ["h1", "h2", "h3", "h3"]
+    assert [p.tags["route"] for p in sink.points[4:]] == ["GET:/a", "GET:/b", "GET:/c"]
+
+
+async def test_a_longer_parameter_name_is_not_taken_for_a_path_tag(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # "{handlerIdOld" contains "{handlerId": the route has no handlerId to record.
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app, sink = _recorder_app(handler, "/old/{handlerIdOld}")
+    client = await aiohttp_client(app)
+    assert (await client.get("/old/x1")).status == 200
+    await app[MONITORING_KEY].flush()
+    (point,) = sink.points
+    assert dict(point.tags) == {"service": "svc", "route": "GET:/old/{handlerIdOld}",
+                                "status_code": "200"}  # fmt: skip
+
+
+async def test_a_response_prepared_after_the_handler_is_recorded_in_full(
+    aiohttp_client: ClientFactory, tmp_path: Any
+) -> None:
+    # A FileResponse decides its status in prepare(), after the handler returned: the
+    # point is made when the request's task is done, with everything a handler's point has.
+    page = tmp_path / "page.txt"
+    page.write_text("hello")
+    seen: list[object] = []
+
+    def getter(request: web.Request, outcome: web.StreamResponse | BaseException) -> int:
+        seen.append(type(outcome).__name__)
+        return 55
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(tmp_path / request.match_info["name"])
+
+    app, sink = _recorder_app(handler, "/handlers/{handlerId}/{name}", error_code=getter)
+    client = await aiohttp_client(app)
+    before = time.time_ns()
+    assert (await client.get("/handlers/h7/page.txt")).status == 200
+    assert (await client.get("/handlers/h7/missing.txt")).status == 404
+    await app[MONITORING_KEY].flush()
+    ok, missing, error = sink.points
+    for point, status in [(ok, "200"), (missing, "404")]:
+        assert point.series == "request"
+        assert dict(point.tags) == {"service": "svc", "route": "GET:/handlers/{handlerId}/{name}",
+                                    "status_code": status, "handler_id": "h7"}  # fmt: skip
+        assert isinstance(point.time_ns, int)
+        assert point.time_ns >= before
+        assert type(point.fields["execution_time"]) is float
+        assert point.fields["execution_time"] >= 0.0
+    assert (error.series, error.tags["error_code"], error.time_ns) == (
+        "error",
+        "55",
+        missing.time_ns,
+    )
+    assert seen == ["FileResponse"]  # the getter is given the response
+
+
+async def test_a_point_that_cannot_be_recorded_is_logged_once_per_interval(
+    aiohttp_client: ClientFactory, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from structlog.testing import capture_logs
+
+    (tmp_path / "f.txt").write_text("x")
+    broken = RuntimeError("emit broke " + "e" * 2000)
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def file(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(tmp_path / "f.txt")
+
+    sink = MemorySink()
+    app = web.Application()
+    app.router.add_get("/plain", plain)
+    app.router.add_get("/file", file)
+    monitoring = lunamon.setup(app, service="svc", sinks=[sink])
+
+    def raising_emit(point: Point) -> None:
+        raise broken
+
+    monkeypatch.setattr(monitoring, "emit", raising_emit)
+    client = await aiohttp_client(app)
+    with capture_logs() as logs:
+        assert (await client.get("/file")).status == 200  # recorded after the response
+        assert (await client.get("/file")).status == 200
+        assert (await client.get("/plain")).status == 200  # recorded by the middleware
+        await asyncio.sleep(0.05)
+    failed = [e for e in logs if e["event"] == "record_failed"]
+    assert failed == [
+        {"event": "record_failed", "error": repr(broken)[:1024], "log_level": "error"}
+    ]  # once: both ways of recording share one rate limit
+
+
+async def test_a_failing_error_code_getter_is_logged_and_the_default_used(
+    aiohttp_client: ClientFactory,
+) -> None:
+    from structlog.testing import capture_logs
+
+    broken = ValueError("getter bug " + "g" * 1000)
+
+    def getter(request: web.Request, outcome: web.StreamResponse | BaseException) -> int:
+        raise broken
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="busy")
+
+    app, sink = _recorder_app(handler, "/busy", error_code=getter)
+    client = await aiohttp_client(app)
+    with capture_logs() as logs:
+        assert (await client.get("/busy")).status == 503
+    await app[MONITORING_KEY].flush()
+    assert [p.tags.get("error_code") for p in sink.points] == [None, "1"]
+    assert [e for e in logs if e["event"] == "error_code_getter_failed"] == [
+        {"event": "error_code_getter_failed", "error": repr(broken)[:512], "log_level": "error"}
+    ]
+
+
+async def test_a_connection_error_of_the_handler_itself_is_a_server_error(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # The client is still there: the handler's own connection failed (a database down).
+    async def handler(request: web.Request) -> web.Response:
+        raise ConnectionRefusedError("database down")
+
+    app, sink = _recorder_app(handler, "/db")
+    client = await aiohttp_client(app)
+    assert (await client.get("/db")).status == 500
+    await app[MONITORING_KEY].flush()
+    request_point, error = sink.points
+    assert (request_point.tags["status_code"], error.tags["error_code"]) == ("500", "1")
+
+
+@pytest.mark.parametrize(
+    ("code", "recorded"),
+    [("-5", "-5"), (" 12 ", "12"), ("12", "12"), ("X5", "1"), ("5-", "1"), (12.0, "1")],
+)
+async def test_an_error_code_given_as_text_is_read_as_an_integer(
+    aiohttp_client: ClientFactory, code: object, recorded: str
+) -> None:
+    class LunaError(Exception):
+        error_code = code
+
+    async def handler(request: web.Request) -> web.Response:
+        raise LunaError("failed")
+
+    app, sink = _recorder_app(handler, "/fail")
+    client = await aiohttp_client(app)
+    assert (await client.get("/fail")).status == 500
+    await app[MONITORING_KEY].flush()
+    assert [p.tags.get("error_code") for p in sink.points] == [None, recorded]
+
+
+def _json_body(size: int) -> bytes:
+    head = b'{"error_code": 7, "pad": "'
+    body = head + b"x" * (size - len(head) - 2) + b'"}'
+    assert len(body) == size
+    return body
+
+
+@pytest.mark.parametrize(
+    ("case", "recorded"),
+    [
+        ("64k", "7"),  # a JSON error body up to 64 KiB is read
+        ("64k+1", "0"),  # a bigger one is not
+        ("list", "0"),  # JSON, but not an object
+        ("stream", "0"),  # not bytes: never read (nor consumed)
+        ("text", "0"),  # not JSON
+    ],
+)
+async def test_which_error_bodies_are_read_for_an_error_code(
+    aiohttp_client: ClientFactory, case: str, recorded: str
+) -> None:
+    import io
+
+    async def handler(request: web.Request) -> web.Response:
+        if case == "64k":
+            return web.Response(status=400, body=_json_body(65536), content_type="application/json")
+        if case == "64k+1":
+            return web.Response(status=400, body=_json_body(65537), content_type="application/json")
+        if case == "list":
+            return web.json_response([{"error_code": 7}], status=400)
+        if case == "stream":
+            body = io.BytesIO(b'{"error_code": 7}')
+            return web.Response(status=400, body=body, content_type="application/json")
+        return web.Response(status=400, text='{"error_code": 7}')
+
+    app, sink = _recorder_app(handler, "/fail")
+    client = await aiohttp_client(app)
+    response = await client.get("/fail")
+    assert response.status == 400
+    if case == "stream":
+        assert await response.read() == b'{"error_code": 7}'
+    await app[MONITORING_KEY].flush()
+    assert [p.tags.get("error_code") for p in sink.points] == [None, recorded]
+
+
+# ------------------------------------------------------------------------ setup(), in detail
+# (docs/mutation.md: mutants of lunamon/aiohttp.py.)
+
+
+async def test_lunamon_is_the_first_middleware_and_sees_what_others_answer(
+    aiohttp_client: ClientFactory,
+) -> None:
+    @web.middleware
+    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        if "Authorization" not in request.headers:
+            return web.Response(status=401, text="who are you")
+        return await handler(request)  # type: ignore[no-any-return]
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    sink = MemorySink()
+    app = web.Application(middlewares=[auth])
+    app.router.add_get("/x", handler)
+    lunamon.setup(app, service="svc", sinks=[sink])
+    assert app.middlewares[1] is auth  # lunamon first, the app's own after it
+    client = await aiohttp_client(app)
+    assert (await client.get("/x")).status == 401
+    await app[MONITORING_KEY].flush()
+    assert [(p.series, p.tags["status_code"]) for p in sink.points] == [
+        ("request", "401"),
+        ("error", "401"),
+    ]
+
+
+async def test_monitor_request_in_a_sub_application_finds_the_parent_recorder(
+    aiohttp_client: ClientFactory,
+) -> None:
+    @lunamon.monitor_request
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    sink = MemorySink()
+    app, sub = web.Application(), web.Application()
+    sub.router.add_get("/x", handler)
+    app.router.add_get("/top", handler)
+    app.add_subapp("/sub", sub)
+    lunamon.setup(app, service="svc", sinks=[sink], middleware=False)
+    client = await aiohttp_client(app)
+    assert (await client.get("/sub/x")).status == 200
+    assert (await client.get("/top")).status == 200
+    await app[MONITORING_KEY].flush()
+    assert [p.tags["route"] for p in sink.points] == ["GET:/sub/x", "GET:/top"]
+
+
+def test_setup_refusals_say_exactly_what_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lunamon import SettingsError
+
+    monkeypatch.delenv("LUNAMON_SERVICE", raising=False)
+    with pytest.raises(SettingsError) as caught:
+        lunamon.setup(web.Application(), sinks=[])
+    error = caught.value
+    assert (str(error), error.key, error.source) == (
+        "setup(): service: a service name is needed: setup(app, service='luna-handlers')",
+        "service",
+        "setup()",
+    )
+    with pytest.raises(TypeError) as type_error:
+        lunamon.setup(object(), service="s")  # type: ignore[arg-type]
+    assert str(type_error.value) == "setup() needs an aiohttp.web.Application, not object"
+    app = web.Application()
+    lunamon.setup(app, service="s", sinks=[])
+    with pytest.raises(RuntimeError) as twice:
+        lunamon.setup(app, service="s", sinks=[])
+    assert str(twice.value) == "lunamon.setup() was already called for this application"
+    with pytest.raises(TypeError) as not_callable:
+        lunamon.setup(web.Application(), service="s", sinks=[], error_code=5)  # type: ignore[arg-type]
+    assert str(not_callable.value) == (
+        "error_code= takes a callable (request, response_or_exception) -> int"
+    )
+    with pytest.raises(TypeError) as bad_settings:
+        lunamon.setup(web.Application(), settings=["service"], sinks=[])  # type: ignore[arg-type]
+    assert str(bad_settings.value) == (
+        "settings= takes a MonitoringSettings (MonitoringSettings.load('monitoring.toml'))"
+        " or a mapping shaped like the [monitoring] section, not list"
+    )
+    with pytest.raises(TypeError) as bad_sink:
+        lunamon.setup(web.Application(), service="s", sinks=[object()])  # type: ignore[list-item]
+    assert str(bad_sink.value) == "object is not a Sink (async start/write/close)"
+
+
+def test_settings_given_as_a_mapping_read_the_environment_and_are_named_in_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lunamon import SettingsError
+
+    monkeypatch.setenv("LUNAMON_FLUSH_INTERVAL", "0.25")
+    monkeypatch.setenv("MEMORY_SINK_NAME", "from-env")
+    monitoring = lunamon.setup(
+        web.Application(),
+        settings={"service": "s", "sinks": [{"type": "memory", "name_env": "MEMORY_SINK_NAME"}]},
+    )
+    assert monitoring.settings.flush_interval == 0.25
+    assert list(monitoring.stats()) == ["from-env"]
+    with pytest.raises(SettingsError) as caught:
+        lunamon.setup(web.Application(), settings={"service": "s", "batch_size": "many"})
+    assert (caught.value.source, caught.value.key) == (
+        "setup(settings=...)",
+        "monitoring.batch_size",
+    )
+
+
+def test_without_any_sink_points_go_to_influxdb_on_localhost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lunamon.sinks.influxdb import InfluxDBSink
+
+    monitoring = lunamon.setup(web.Application(), service="s")
+    (sink,) = monitoring.sinks
+    assert isinstance(sink, InfluxDBSink)
+    assert (sink.url, sink.database, list(monitoring.stats())) == (
+        "http://localhost:8086",
+        "luna_monitoring",
+        ["influxdb"],
+    )
+
+
+async def test_configured_plugins_are_given_the_application(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from lunamon.sinks.plugin import BaseRequestMonitoringPlugin
+
+    class AppPlugin(BaseRequestMonitoringPlugin):
+        async def flushPointToMonitoring(self, point: Point, logger: Any) -> None:
+            pass
+
+    monkeypatch.setattr(sys.modules[__name__], "AppPlugin", AppPlugin, raising=False)
+    app = web.Application()
+    monitoring = lunamon.setup(
+        app, settings={"service": "s", "sinks": [{"type": f"{__name__}:AppPlugin"}]}
+    )
+    (sink,) = monitoring.sinks
+    plugin = sink.plugin  # type: ignore[attr-defined]
+    assert plugin.app is app

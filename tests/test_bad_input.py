@@ -508,7 +508,7 @@ _field_value = st.one_of(
     st.none(),
 )
 _series = _name.map(lambda t: "m" + t)
-# A leading tab is left out here: influxd strips it (see the xfail test below).
+# A leading tab is left out here: influxd strips it, so it is refused (see TAB_CASES below).
 _raw_series = _text.filter(lambda t: not t.startswith("\t"))
 _point = st.tuples(
     st.one_of(_series, _series, _series, _series, _series, _raw_series),
@@ -665,19 +665,33 @@ def test_22_property_random_points_read_back_exactly_as_the_policy_says(
     assert typed(read_back(influxd, db)) == typed(expected)
 
 
-def test_22_leading_tab_in_series_or_first_field_key_is_refused_or_stored_as_given(
+TAB_CASES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
+    # (series, tags, fields, what the policy says)
+    ("\tm", {}, {"f": 1.0}, REFUSED),  # 1.x strips a leading tab from the series
+    ("m", {}, {"\tg": 1.0, "h": 2.0}, REFUSED),  # and from the first field key
+    ("m", {"\tt": "v"}, {"f": 1.0}, REFUSED),  # keys are checked alike
+    ("m\tx", {}, {"f": 1.0}, "stored"),  # a tab anywhere else is stored as given
+    ("m", {"t\tx": "v"}, {"f": 1.0}, "stored"),
+    ("m", {}, {"h": 2.0, "g\tx": 1.0}, "stored"),
+    ("m", {"t": "\tv"}, {"f": 1.0}, "stored"),  # values are not keys: kept
+    ("m", {}, {"s": "\tstring"}, "stored"),
+]
+
+
+def test_22_leading_tab_in_series_or_key_is_refused_elsewhere_stored_as_given(
     influxd: InfluxServer, fresh_db: Callable[[], str]
 ) -> None:
     db = fresh_db()
     influxd.create_database(db)
     t0 = time.time_ns()
-    cases = [("\tm", {"f": 1.0}), ("m", {"\tg": 1.0, "h": 2.0})]
     made: list[Point] = []
-    for index, (series, fields) in enumerate(cases):
-        try:
-            made.append(Point(series, t0 + index, {}, fields))
-        except ValueError:
-            continue  # refused at record time: also the policy's answer
+    for index, (series, tags, fields, want) in enumerate(TAB_CASES):
+        if want == REFUSED:
+            with pytest.raises(ValueError, match="starts with a tab"):
+                Point(series, t0 + index, tags, fields)
+        else:
+            made.append(Point(series, t0 + index, tags, fields))
+    assert len(made) == 5
 
     async def write() -> None:
         sink = InfluxDBSink(influxd.host, influxd.port, db)
@@ -686,7 +700,6 @@ def test_22_leading_tab_in_series_or_first_field_key_is_refused_or_stored_as_giv
         finally:
             await sink.close()
 
-    if made:
-        asyncio.run(write())
+    asyncio.run(write())
     expected = [(p.series, p.time_ns, dict(p.tags), dict(p.fields)) for p in made]
     assert typed(read_back(influxd, db)) == typed(expected)

@@ -57,6 +57,9 @@ def test_seed_point_line() -> None:
         (1e-7, "f=1e-07"),
         ('say "hi" \\ there', 'f="say \\"hi\\" \\\\ there"'),
         ("two\nlines", 'f="two\nlines"'),
+        ("a\\b", 'f="a\\\\b"'),  # a backslash without a quote is escaped too
+        ("ends in \\", 'f="ends in \\\\"'),  # else it would escape the closing quote
+        ("\\\\", 'f="\\\\\\\\"'),
     ],
 )
 def test_field_types(value: object, line_part: str) -> None:
@@ -244,3 +247,91 @@ def test_shared_tagset_caches_its_prefix_per_series() -> None:
     assert other.to_line_protocol() == "error,route=POST:/a\\ b,status_code=200 f=1.0 1"
     assert first.to_line_protocol() == "request,route=POST:/a\\ b,status_code=200 f=1.0 1"
     assert pickle.loads(pickle.dumps(first)) == first
+
+
+# ---------------------------------------------------------------- the encoder's caches
+# (architecture.md: the recorder's shared tags are escaped once per route, keys once.)
+
+
+def test_shared_tagset_prefix_is_computed_once_then_read_back() -> None:
+    from lunamon.point import TagSet
+
+    tags = TagSet(route="POST:/a b")
+    point = Point.trusted("request", 1, tags, {"f": 1.0})
+    assert point.to_line_protocol() == "request,route=POST:/a\\ b f=1.0 1"
+    assert tags._head == ("request", "request,route=POST:/a\\ b")
+    tags._head = ("request", "cached-prefix")  # read from the cache, not escaped again
+    assert point.to_line_protocol() == "cached-prefix f=1.0 1"
+    assert Point.trusted("error", 2, tags, {"f": 1.0}).to_line_protocol() == (
+        "error,route=POST:/a\\ b f=1.0 2"  # another series: not that prefix
+    )
+    assert tags._head == ("error", "error,route=POST:/a\\ b")
+
+
+def test_series_tag_pairs_and_field_keys_are_escaped_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lunamon.point as point_module
+
+    calls: list[str] = []
+
+    def counting(name: str) -> None:
+        original = getattr(point_module, name)
+
+        def wrapper(*args: str) -> str:
+            calls.append(name)
+            return original(*args)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(point_module, name, wrapper)
+
+    for name in ("_escape_series", "_tag_pair", "_field_key"):
+        counting(name)
+    point_module._series_cache.clear()
+    point_module._tag_cache.clear()
+    point_module._field_key_cache.clear()
+    points = [
+        Point("odd series", i, {"k": "v w", "j": "x"}, {"f x": float(i), "g": i}) for i in range(5)
+    ]
+    lines = encode_lines(points).decode().splitlines()
+    assert lines[3] == "odd\\ series,k=v\\ w,j=x f\\ x=3.0,g=3i 3"
+    assert sorted(calls) == ["_escape_series", "_field_key", "_field_key", "_tag_pair", "_tag_pair"]
+
+
+def test_the_encoder_caches_stay_within_their_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lunamon.point as point_module
+
+    monkeypatch.setattr(point_module, "_CACHE_LIMIT", 3)
+    caches = (point_module._series_cache, point_module._tag_cache, point_module._field_key_cache)
+    for cache in caches:
+        cache.clear()
+    for i in range(10):
+        line = Point(f"s{i}", i, {f"k{i}": "v"}, {f"f{i}": 1.0}).to_line_protocol()
+        assert line == f"s{i},k{i}=v f{i}=1.0 {i}"
+        assert [len(cache) for cache in caches] == [i % 3 + 1] * 3
+
+
+async def test_encode_lines_async_yields_between_chunks_of_100(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay: float) -> None:
+        sleeps.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+    points = [Point("s", i, {}, {"f": float(i)}) for i in range(250)]
+    for count, chunks in [(1, 0), (100, 0), (101, 2), (250, 3)]:
+        sleeps.clear()
+        assert await encode_lines_async(points[:count]) == encode_lines(points[:count])
+        assert sleeps == [0] * chunks, count  # a yield per chunk, never a delay
+
+
+def test_point_repr_shows_its_parts() -> None:
+    point = Point("m", 7, {"k": "v"}, {"f": 1.5, "s": "x"})
+    assert (
+        repr(point) == "Point(series='m', time_ns=7, tags={'k': 'v'}, fields={'f': 1.5, 's': 'x'})"
+    )

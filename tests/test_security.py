@@ -32,6 +32,7 @@ from _rel_support import (
     fast_policy,
     new_db,
 )
+from _tcp_spy import TcpSpy, assert_tls_only
 from servers import FakeInfluxServer, FakeResponse, InfluxServer, TlsFiles
 from structlog.testing import capture_logs
 
@@ -379,17 +380,41 @@ async def test_27_self_signed_certificate_refused_by_default_and_counted(
 async def test_27_no_fallback_to_plain_http(
     aiohttp_client: ClientFactory, tls_cert: TlsFiles
 ) -> None:
-    async with FakeInfluxServer(ssl_context=tls_cert.server_context()) as server:
-        sink = InfluxDBSink(server.host, server.port, "db", ssl=True, username="u", password="p1")
+    # The sink reaches the TLS-only server through a plain TCP listener that records every
+    # byte (_tcp_spy): a request retried over http:// on the same port would be seen there
+    # in clear. create_database=False: the writes themselves are attempted, and retried.
+    async with (
+        FakeInfluxServer(ssl_context=tls_cert.server_context()) as server,
+        TcpSpy(server.port) as spy,
+    ):
+        sink = InfluxDBSink(
+            "127.0.0.1", spy.port, "db", ssl=True, username="u", password="p1-Plain-x",
+            create_database=False,
+        )  # fmt: skip
         app = create_app(sinks=[sink], **fast_policy(shutdown_timeout=0.2))
         monitoring = app[MONITORING_KEY]
         client = await aiohttp_client(app)
         answers = await drive(client, 5, monitoring=monitoring)
         await eventually(lambda: monitoring.stats()["influxdb"]["retries"] >= 2, what="retries")
         await client.close()
-        assert server.requests == []  # not one request got through, over TLS or plain
+        assert len(spy.connections) >= 3  # every attempt reached the listener, over TLS only
+        assert_tls_only(spy, ["p1-Plain-x", basic("u", "p1-Plain-x")])
+        assert server.requests == []  # and none got through the TLS server
+        # ... which records what does get through: the same path with the CA trusted.
+        trusting = InfluxDBSink(
+            "127.0.0.1", spy.port, "db", ssl=True, username="u", password="p1-Plain-x",
+            create_database=False, ca_file=tls_cert.cert_file,
+        )  # fmt: skip
+        try:
+            await trusting.write([Point("m", 1, None, {"f": 1.0})])
+        finally:
+            await trusting.close()
+        assert [(r.path, r.headers["Authorization"]) for r in server.requests] == [
+            ("/write", f"Basic {basic('u', 'p1-Plain-x')}")
+        ]
     assert_served(answers)
-    assert monitoring.stats()["influxdb"]["dropped"]["shutdown"] == 5
+    stats = monitoring.stats()["influxdb"]
+    assert (stats["written"], stats["dropped"]["shutdown"]) == (0, 5)
 
 
 @pytest.mark.parametrize("how", ["argument", "settings"])

@@ -842,3 +842,340 @@ def test_module_exports() -> None:
     assert sorted(module.__all__) == module.__all__
     for name in module.__all__:
         assert hasattr(module, name)
+
+
+# --------------------------------------------------------------------------- exact messages
+# (docs/mutation.md: each test below kills mutants of lunamon/settings.py the tests above
+# let through: a refused value must say exactly what was wrong, and where.)
+
+
+def problem(call: Callable[[], object]) -> tuple[str | None, str]:
+    error = settings_error(call)
+    return error.key, error.problem
+
+
+@pytest.mark.parametrize(
+    ("value", "described"),
+    [
+        (5, "integer 5"),
+        (1.5, "float 1.5"),
+        (("a",), "array ('a',)"),
+        (["a"], "array ['a']"),
+        ({"a": 1}, "table {'a': 1}"),
+        ({1}, "set {1}"),
+        (b"x", "bytes b'x'"),
+        ("x" * 58, "string '" + "x" * 58 + "'"),  # a repr of 60 characters: shown whole
+        ("x" * 59, "string '" + "x" * 56 + "..."),  # 61: cut to 57 and marked
+    ],
+)
+def test_a_refused_value_is_described_by_its_kind_and_value(value: object, described: str) -> None:
+    assert problem(lambda: MonitoringSettings(enabled=value)) == (  # type: ignore[arg-type]
+        "enabled",
+        f"expected a boolean (true or false), got {described}",
+    )
+
+
+def test_the_kind_alone_is_said_where_the_value_may_be_secret() -> None:
+    error = settings_error(lambda: MonitoringSettings.from_mapping({"sinks": ["http://u:pw@x"]}))
+    assert (error.key, error.problem) == (
+        "monitoring.sinks[0]",
+        'expected a table of sink options with a "type", got string',
+    )
+    for value, kind in [("a b", "string"), (5, "integer"), (("a b",), None)]:
+        if kind is None:
+            continue
+        assert problem(lambda v=value: MonitoringSettings(sinks=v)) == (  # type: ignore[misc]
+            "sinks",
+            f"expected an array of sink tables, got {kind}",
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "message"),
+    [
+        ({"service": "  "}, "service", "must not be empty"),
+        ({"service": " svc"}, "service",
+         "' svc' cannot be stored as an InfluxDB tag as given (surrounding spaces, a newline"
+         " or a trailing backslash)"),
+        ({"exclude": 5}, "exclude", "expected an array of 'METHOD:/route' strings, got integer 5"),
+        ({"failed_status_codes": 5}, "failed_status_codes",
+         "expected an array of status codes and 'low-high' ranges, got integer 5"),
+        ({"failed_status_codes": [99]}, "failed_status_codes[0]",
+         "expected status codes within 100-599, low <= high, got 99"),
+        ({"failed_status_codes": ["500-600"]}, "failed_status_codes[0]",
+         "expected status codes within 100-599, low <= high, got '500-600'"),
+        ({"path_tags": 5}, "path_tags",
+         "expected a table of path parameter = tag name, got integer 5"),
+        ({"path_tags": {5: "x"}}, "path_tags", "5 is not a path parameter name"),
+        ({"path_tags": {"a/b": "x"}}, "path_tags", "'a/b' is not a path parameter name"),
+        ({"path_tags": {"p": "time"}}, "path_tags.p", "tag name 'time' is reserved by InfluxDB"),
+        ({"batch_size": 0}, "batch_size", "must be >= 1, got 0"),
+        ({"buffer_size": "x"}, "buffer_size", "expected an integer, got string 'x'"),
+        ({"max_retries": -1}, "max_retries", "must be >= 0, got -1"),
+        ({"sinks": {"type": "memory"}}, "sinks",
+         "expected an array of tables ([[monitoring.sinks]]), got a single table"),
+        ({"sinks": [{"type": "memory"}]}, "sinks[0]",
+         "expected SinkSettings, got dict (config tables go through"
+         " MonitoringSettings.from_mapping)"),
+        ({"sinks": "memory"}, "sinks", "expected an array of sink tables, got string"),
+    ],
+)  # fmt: skip
+def test_refusals_name_the_key_and_say_exactly_why(
+    options: dict[str, Any], key: str, message: str
+) -> None:
+    assert problem(lambda: MonitoringSettings(**options)) == (key, message)
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [([100], {100}), ([599], {599}), (["100-101"], {100, 101}), (["598-599"], {598, 599})],
+)
+def test_status_code_bounds_are_inclusive(codes: list[object], expected: set[int]) -> None:
+    assert MonitoringSettings(failed_status_codes=codes).failed_status_codes == expected  # type: ignore[arg-type]
+
+
+def test_route_templates_may_hold_colons_and_parameters_may_hold_an_x() -> None:
+    settings = MonitoringSettings(exclude=("get:/a:b",), path_tags={"userX": "user_x"})
+    assert settings.exclude == ("GET:/a:b",)
+    assert dict(settings.path_tags) == {"userX": "user_x"}
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "message"),
+    [
+        ([1], "options", "expected a table of sink options, got list"),
+        ({"": 1}, "options", "option names must be non-empty strings, got ''"),
+        ({5: 1}, "options", "option names must be non-empty strings, got 5"),
+        ({"type": "memory"}, "options", "'type' is not an option: it names the sink type"),
+    ],
+)
+def test_sink_settings_refusals(options: Any, key: str, message: str) -> None:
+    assert problem(lambda: SinkSettings("memory", options)) == (key, message)
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "message"),
+    [
+        ({}, "monitoring.sinks[0].type", "missing: every sink needs a type (options given: none)"),
+        ({"type": "memory", 5: "x"}, "monitoring.sinks[0]",
+         "option names must be non-empty strings, got 5"),
+        ({"type": "memory", "name_env": 5}, "monitoring.sinks[0].name_env",
+         "expected the name of an environment variable, got integer 5"),
+    ],
+)  # fmt: skip
+def test_sink_table_refusals_name_the_table(table: dict[Any, Any], key: str, message: str) -> None:
+    assert problem(lambda: MonitoringSettings.from_mapping({"sinks": [table]})) == (key, message)
+
+
+def test_an_option_named_just_env_is_an_option_not_a_variable_reference() -> None:
+    key, message = problem(
+        lambda: MonitoringSettings.from_mapping(
+            {"sinks": [{"type": "memory", "_env": "X"}]}, env={"X": "y"}
+        )
+    )
+    assert key == "monitoring.sinks[0]._env"
+    assert "_env" in message
+    assert "environment variable" not in message
+
+
+def test_a_single_sink_table_in_a_file_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "one.toml", '[monitoring.sinks]\ntype = "memory"\n')
+    assert problem(lambda: MonitoringSettings.load(path, env={})) == (
+        "monitoring.sinks",
+        "expected an array of tables ([[monitoring.sinks]]), got a single table",
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "value"),
+    [
+        ("LUNAMON_ENABLED", "on", True),
+        ("LUNAMON_ENABLED", " OFF ", False),
+        ("LUNAMON_ENABLED", "Yes", True),
+        ("LUNAMON_ENABLED", "0", False),
+        ("LUNAMON_PATH_TAGS", "handlerId=handler=id", {"handlerId": "handler=id"}),
+    ],
+)
+def test_environment_values(variable: str, text: str, value: object) -> None:
+    settings = MonitoringSettings.from_env({variable: text})
+    got = settings.enabled if variable == "LUNAMON_ENABLED" else dict(settings.path_tags)
+    assert got == value
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "message"),
+    [
+        ("LUNAMON_ENABLED", "maybe",
+         "expected one of 1, 0, true, false, yes, no, on, off, got 'maybe'"),
+        ("LUNAMON_FLUSH_INTERVAL", "soon", "expected a number, got 'soon'"),
+        ("LUNAMON_BATCH_SIZE", "x", "expected an integer, got 'x'"),
+    ],
+)  # fmt: skip
+def test_environment_refusals_are_exact(variable: str, text: str, message: str) -> None:
+    error = settings_error(lambda: MonitoringSettings.from_env({variable: text}))
+    assert (error.source, error.key, error.problem) == (
+        "<environment>",
+        f"environment variable {variable}",
+        message,
+    )
+
+
+def test_only_upper_case_lunamon_variables_are_read_and_others_not_warned_about() -> None:
+    env = {"LUNAMON_flush_interval": "9", "PATH": "/bin", "HOME_LUNAMON_BATCH_SIZE": "1"}
+    with capture_logs() as logs:
+        settings = MonitoringSettings.from_env(env)
+    assert settings == MonitoringSettings()
+    assert [e for e in logs if e["event"] == "unknown_environment_variable"] == []
+
+
+def test_an_unknown_variable_is_warned_about_once_with_the_known_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lunamon.settings
+
+    monkeypatch.setattr(lunamon.settings, "_warned_env", set())
+    with capture_logs() as logs:
+        MonitoringSettings.from_env({"LUNAMON_BATCH_SIZZE": "9"})
+        MonitoringSettings.from_env({"LUNAMON_BATCH_SIZZE": "9"})
+    (warned,) = [e for e in logs if e["event"] == "unknown_environment_variable"]
+    assert warned["variable"] == "LUNAMON_BATCH_SIZZE"
+    assert warned["hint"] == "did you mean LUNAMON_BATCH_SIZE?"
+    assert "LUNAMON_FLUSH_INTERVAL" in warned["known"]
+    assert "LUNAMON_SINKS" not in warned["known"]  # no variable for the sink tables
+    assert all(name == name.upper() for name in warned["known"])
+    assert warned["log_level"] == "warning"
+
+
+def test_an_unknown_setting_is_refused_with_a_suggestion_when_there_is_one() -> None:
+    assert problem(lambda: MonitoringSettings.from_mapping({"zzzzzz": 1})) == (
+        "monitoring.zzzzzz",
+        "unknown setting",
+    )
+    assert problem(lambda: MonitoringSettings.from_mapping({"batch_sise": 1})) == (
+        "monitoring.batch_sise",
+        "unknown setting (did you mean 'batch_size'?)",
+    )
+    error = settings_error(lambda: MonitoringSettings().replace(batch_sise=1))
+    assert (error.source, error.key, error.problem) == (
+        "setup()",
+        "batch_sise",
+        "unknown setting (did you mean 'batch_size'?)",
+    )
+
+
+def test_replace_checks_values_keeps_the_source_and_takes_sink_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_json(tmp_path, {"service": "svc"})
+    loaded = MonitoringSettings.load(path, env={})
+    replaced = loaded.replace(batch_size=10, buffer_size=10)
+    assert (replaced.source, replaced.batch_size) == (str(path), 10)
+    error = settings_error(lambda: loaded.replace(batch_size="x"))
+    assert (error.source, error.key) == ("setup()", "batch_size")
+    monkeypatch.setenv("SPARE_NAME", "spare")
+    kept = SinkSettings("memory", {"name": "kept"})
+    with_sinks = loaded.replace(sinks=[kept, {"type": "memory", "name_env": "SPARE_NAME"}])
+    assert with_sinks.sinks[0] is kept
+    assert with_sinks.sinks[1] == SinkSettings("memory", {"name": "spare"})
+    bad = settings_error(lambda: loaded.replace(sinks=[kept, {"name": "x"}]))
+    assert (bad.key, bad.problem) == (
+        "sinks[1].type",
+        "missing: every sink needs a type (options given: name)",
+    )
+
+
+def test_errors_of_a_file_name_it_as_given_normalised(tmp_path: Path) -> None:
+    write_json(tmp_path, {"batch_size": "x"}, name="bad.json")
+    write(tmp_path, "bad.yaml", "")
+    write(tmp_path, "empty.toml", "title = 1\n")
+    write(tmp_path, "broken.toml", "[monitoring\n")
+    (tmp_path / "latin.toml").write_bytes(b"[monitoring]\nservice = '\xe9'\n")
+    for name in ["bad.json", "bad.yaml", "empty.toml", "broken.toml", "latin.toml"]:
+        given = f"{tmp_path}/./{name}"
+        error = settings_error(lambda g=given: MonitoringSettings.load(g, env={}))  # type: ignore[misc]
+        assert error.source == str(tmp_path / name), name
+    write_json(tmp_path, [1], name="list.json")
+    error = settings_error(lambda: MonitoringSettings.load(f"{tmp_path}/./list.json", env={}))
+    assert (error.source, error.key, error.problem) == (
+        str(tmp_path / "list.json"),
+        "monitoring",
+        "expected a table, got array",
+    )
+
+
+def test_an_error_from_a_default_names_the_key_the_file_did_not_set() -> None:
+    # batch_size keeps its default (5000), which the given buffer_size cannot hold.
+    assert problem(lambda: MonitoringSettings.from_mapping({"buffer_size": 10})) == (
+        "monitoring.batch_size",
+        "batch_size (5000) must not exceed buffer_size (10)",
+    )
+
+
+def test_an_error_inside_a_variable_names_the_variable_and_the_part() -> None:
+    error = settings_error(lambda: MonitoringSettings.from_env({"LUNAMON_PATH_TAGS": "p=time"}))
+    assert (error.key, error.problem) == (
+        "environment variable LUNAMON_PATH_TAGS.p",
+        "tag name 'time' is reserved by InfluxDB",
+    )
+
+
+def test_settings_loaded_is_logged_with_source_sinks_and_overrides() -> None:
+    with capture_logs() as logs:
+        MonitoringSettings.from_mapping(
+            {"sinks": [{"type": "memory"}]},
+            env={"LUNAMON_BATCH_SIZE": "10", "LUNAMON_BUFFER_SIZE": "20"},
+            source="here",
+        )
+    assert [e for e in logs if e["event"] == "settings_loaded"] == [
+        {
+            "event": "settings_loaded",
+            "source": "here",
+            "enabled": True,
+            "sinks": ["memory"],
+            "env_overrides": ["LUNAMON_BATCH_SIZE", "LUNAMON_BUFFER_SIZE"],
+            "log_level": "debug",
+        }
+    ]
+
+
+class RefusingSink:
+    """A sink type whose constructor refuses without naming an option."""
+
+    def __init__(self) -> None:
+        raise ValueError("refuses to work today")
+
+    async def start(self) -> None: ...
+
+    async def write(self, points: object) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def test_build_errors_name_the_sink_and_the_option_when_there_is_one() -> None:
+    settings = MonitoringSettings.from_mapping(
+        {"sinks": [{"type": "memory"}, {"type": f"{__name__}:RefusingSink"}]}, source="cfg"
+    )
+    error = settings_error(settings.build_sinks)
+    assert (error.source, error.key) == ("cfg", "monitoring.sinks[1]")
+    bad_port = MonitoringSettings.from_mapping({"sinks": [{"type": "influxdb", "port": 0}]})
+    assert settings_error(bad_port.build_sinks).key == "monitoring.sinks[0].port"
+
+
+def test_repr_shows_every_setting_readably() -> None:
+    codes: Any = [404, "500-599"]
+    text = repr(MonitoringSettings(exclude=("GET:/h",), failed_status_codes=codes))
+    assert text.startswith("MonitoringSettings(enabled=True, service='luna-handlers', ")
+    for part in [
+        " exclude=('GET:/h',),",
+        " failed_status_codes='404,500-599',",
+        " path_tags={'handlerId': 'handler_id', 'verifierId': 'verifier_id'},",
+        " max_retries=10,",
+        " sinks=(), source='<settings>')",
+    ]:
+        assert part in text
+
+
+def test_the_process_environment_default_shows_no_variable() -> None:
+    from lunamon.settings import PROCESS_ENV
+
+    assert repr(PROCESS_ENV) == "<process environment>"

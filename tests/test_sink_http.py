@@ -5,24 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import gzip
 import ssl
 import time
 from typing import Any
 
+import aiohttp
 import pytest
+from _tcp_spy import TcpSpy, assert_tls_only
 from servers import HANG, FakeInfluxServer, FakeResponse, TlsFiles
+from structlog.testing import capture_logs
+from yarl import URL
 
 from lunamon._secrets import Secret, redact
 from lunamon.errors import BatchTooLarge, SinkError
 from lunamon.lineprotocol import parse_line_protocol
 from lunamon.point import Point
 from lunamon.sinks._http import (
+    SinkSession,
     classify_exception,
     classify_response,
     error_text,
     is_loopback,
     make_ssl_context,
     parse_retry_after,
+    post_body,
+    read_error_body,
+    refuse_plain_credentials,
+    truncate,
 )
 from lunamon.sinks.influxdb import InfluxDBSink
 from lunamon.sinks.influxdb_v2 import InfluxDBV2Sink
@@ -127,6 +137,10 @@ def test_server_text_is_truncated_and_redacted() -> None:
         (b"{not json", {}, "{not json"),
         (b"", {"X-Influxdb-Error": "from the header"}, "from the header"),
         (b"\xff\xfe broken utf-8", {}, "\ufffd\ufffd broken utf-8"),
+        (b'{"error": 5}', {}, '{"error": 5}'),  # not a text: the body as it came
+        (b'{"error": "", "message": "the message"}', {}, "the message"),
+        (b"", {}, ""),  # nothing at all: nothing made up
+        (b"  \n", {"X-Influxdb-Error": "header only"}, "header only"),
     ],
 )
 def test_error_text(body: bytes, headers: dict[str, str], expected: str) -> None:
@@ -161,6 +175,8 @@ def test_redact_and_secret() -> None:
         ("10.0.0.1", False),
         ("influx.example.com", False),
         ("localhost.example.com", False),
+        ("Xlocalhost", False),
+        ("[localhost]X", False),
     ],
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
@@ -299,11 +315,26 @@ async def test_create_database_statement_error_is_logged_not_raised(
 async def test_tls_self_signed_fails_without_ca_and_never_falls_back(
     tls_cert: TlsFiles,
 ) -> None:
-    async with FakeInfluxServer(ssl_context=tls_cert.server_context()) as server:
-        error = await write_error(influx_sink(server, ssl=True, timeout=2.0))
+    # Through a listener that records every byte (a plain request would show there) to a
+    # TLS-only server; create_database=False, so it is the write that is refused.
+    async with (
+        FakeInfluxServer(ssl_context=tls_cert.server_context()) as server,
+        TcpSpy(server.port) as spy,
+    ):
+        sink = InfluxDBSink(
+            "127.0.0.1", spy.port, "db", ssl=True, timeout=2.0, create_database=False
+        )
+        error = await write_error(sink)
         assert error.retryable  # a transport failure, like any other
         assert "CERTIFICATE_VERIFY_FAILED" in str(error)
+        assert_tls_only(spy)
         assert server.requests == []
+        trusting = influx_sink(server, ssl=True, ca_file=tls_cert.cert_file)
+        try:
+            await trusting.write([POINT])
+        finally:
+            await trusting.close()
+        assert [r.path for r in server.requests] == ["/write"]  # what does get through
 
 
 async def test_tls_with_ca_file_or_verification_off(tls_cert: TlsFiles) -> None:
@@ -352,3 +383,262 @@ async def test_404_database_not_found_creates_and_retries_once(
         await sink.close()
     paths = [r.path for r in fake_influx.requests]
     assert paths == ["/query", "/write", "/query", "/write"][: 4 if status is None else 3]
+
+
+# --------------------------------------------------------------------------- exact texts
+# (docs/mutation.md: each test below kills mutants the tests above let through.)
+
+
+def test_truncate_marks_only_what_it_cuts() -> None:
+    assert truncate("x" * 10, 10) == "x" * 10
+    assert truncate("x" * 11, 10) == "x" * 10 + "...(truncated)"
+    assert truncate("y" * 1025) == "y" * 1024 + "...(truncated)"
+
+
+def test_retry_after_date_without_a_zone_is_gmt_in_any_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        assert time.timezone != 0  # the local zone is not GMT here
+        assert parse_retry_after("Tue, 14 Nov 2023 22:13:50 -0000", now=NOW) == 30.0
+        assert parse_retry_after(http_date(NOW + 30), now=NOW) == 30.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "message", "retryable"),
+    [
+        (504, "", "write failed: HTTP 504", True),
+        (599, "", "write failed: HTTP 599", True),
+        (600, "", "write failed: HTTP 600", False),
+        (409, "conflict", "write failed: HTTP 409: conflict", False),
+        (409, "throttled", "write failed: HTTP 409: throttled", False),
+        (429, "throttled", "write failed: HTTP 429 too many requests: throttled", True),
+        (503, "busy", "write failed: HTTP 503: busy", True),
+        (503, "throttled", "write failed: HTTP 503 throttled: throttled", True),
+        (413, "too big", "write failed: HTTP 413 body too large: too big", False),
+    ],
+)
+def test_classified_response_message_is_exact(
+    status: int, text: str, message: str, retryable: bool
+) -> None:
+    error = classify_response(status, text)
+    assert (str(error), error.retryable, error.status, error.server_text) == (
+        message,
+        retryable,
+        status,
+        text,
+    )
+
+
+def test_classified_exception_message_is_exact() -> None:
+    assert str(classify_exception(asyncio.TimeoutError())) == "write failed: timed out"
+    assert str(classify_exception(ConnectionResetError())) == "write failed: ConnectionResetError"
+    assert str(classify_exception(ConnectionResetError("reset"), what="x")) == (
+        "x failed: ConnectionResetError: reset"
+    )
+
+
+async def test_an_error_body_that_cannot_be_read_is_empty() -> None:
+    class Content:
+        async def read(self, n: int) -> bytes:
+            raise aiohttp.ClientPayloadError("connection cut")
+
+    class Response:
+        content = Content()
+
+    assert await read_error_body(Response()) == b""  # type: ignore[arg-type]
+
+
+async def test_a_transport_failure_names_the_write_and_hides_secrets() -> None:
+    class Unreachable:
+        def post(self, *args: Any, **kwargs: Any) -> Any:
+            raise aiohttp.ClientConnectionError("cannot reach pw-Hidden-42 today")
+
+    with pytest.raises(SinkError) as caught:
+        await post_body(
+            Unreachable(),  # type: ignore[arg-type]
+            URL("http://127.0.0.1:1/write"),
+            b"",
+            authorization=None,
+            gzipped=False,
+            what="influxdb write to x",
+            secrets=[Secret("pw-Hidden-42")],
+        )
+    assert str(caught.value) == (
+        "influxdb write to x failed: ClientConnectionError: cannot reach *** today"
+    )
+    assert caught.value.retryable
+
+
+GZIP_BASE = b"".join(
+    b'request,route=POST:/x,status_code=%d execution_time=%f,request_id="1700,%08x" %d\n'
+    % (200 + i % 7, i / 7, i, 1_700_000_000_000_000_000 + i)
+    for i in range(2000)
+)
+
+
+@pytest.mark.parametrize(("size", "threaded"), [(30_000, False), (65_536, False), (65_537, True)])
+async def test_gzip_is_level_6_without_a_time_and_off_the_loop_above_64_kib(
+    monkeypatch: pytest.MonkeyPatch, size: int, threaded: bool
+) -> None:
+    from lunamon.sinks._http import compress
+
+    body = (GZIP_BASE * 3)[:size]
+    expected = gzip.compress(body, compresslevel=6, mtime=0)
+    assert expected != gzip.compress(body, compresslevel=7, mtime=0)  # the level shows
+    assert expected != gzip.compress(body, compresslevel=9, mtime=0)
+    calls: list[int] = []
+    real_to_thread = asyncio.to_thread
+
+    async def recording_to_thread(func: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(args[0]))
+        return await real_to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", recording_to_thread)
+    assert await compress(body) == expected  # the same bytes every time: no timestamp
+    assert calls == ([size] if threaded else [])
+
+
+# --------------------------------------------------------------------------- through a sink
+
+
+async def sink_error(sink: InfluxDBSink, points: Any = (POINT,)) -> SinkError:
+    with pytest.raises(SinkError) as caught:
+        await sink.write(list(points))
+    return caught.value
+
+
+async def test_request_shape_user_agent_content_type_and_no_proxy_from_the_environment(
+    fake_influx: FakeInfluxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):  # a proxy that is not there
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    sink = influx_sink(fake_influx, ca_file="/nonexistent/ca.pem")  # plain HTTP: unused
+
+    class JsonSink(InfluxDBSink):
+        content_type = "application/json"
+
+    other = JsonSink(fake_influx.host, fake_influx.port, "db", create_database=False)
+    try:
+        await sink.write((POINT, POINT))  # a tuple works as well as a list
+        await other.write([POINT])
+    finally:
+        await sink.close()
+        await other.close()
+    first, second = fake_influx.requests
+    assert first.headers["User-Agent"] == "lunamon"
+    assert first.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert "Content-Encoding" not in first.headers
+    assert parse_line_protocol(first.body.decode()) == [POINT, POINT]
+    assert second.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("status", "stored"), [(200, True), (204, True), (299, True), (300, False)]
+)
+async def test_only_a_2xx_answer_is_a_success(
+    fake_influx: FakeInfluxServer, status: int, stored: bool
+) -> None:
+    fake_influx.program(FakeResponse(status, ""))
+    sink = influx_sink(fake_influx)
+    try:
+        if stored:
+            await sink.write([POINT])
+        else:
+            error = await sink_error(sink)
+            assert (error.status, error.retryable) == (status, False)
+    finally:
+        await sink.close()
+
+
+async def test_server_errors_name_the_sink_and_never_show_the_password(
+    fake_influx: FakeInfluxServer,
+) -> None:
+    password = "Pw-in-the-echo-77"
+    fake_influx.program(
+        FakeResponse(400, f'{{"error":"unable to parse {password}"}}'),
+        FakeResponse(401, "", {"X-Influxdb-Error": "authorization failed"}),
+    )
+    sink = influx_sink(fake_influx, username="luna", password=password)
+    what = f"influxdb write to http://127.0.0.1:{fake_influx.port} db=db"
+    try:
+        error = await sink_error(sink)
+        assert str(error) == f"{what} failed: HTTP 400 bad request: unable to parse ***"
+        error = await sink_error(sink)
+        assert str(error) == (
+            f"{what} failed: HTTP 401 unauthorized (missing or wrong credentials):"
+            " authorization failed"
+        )
+    finally:
+        await sink.close()
+    error = await sink_error(sink)
+    assert (str(error), error.retryable) == (f"{what} failed: the sink is closed", False)
+
+
+async def test_a_closed_session_refuses_writes_until_started_again() -> None:
+    session = SinkSession(
+        what="w", name="n", url="u", timeout=1.0, tls=False, verify_ssl=True, ca_file=None,
+        plain_credentials=False,
+    )  # fmt: skip
+    opened = session.open()
+    assert session.open() is opened  # one session, opened on first use
+    await session.close()
+    with pytest.raises(SinkError) as caught:
+        session.open()
+    assert (str(caught.value), caught.value.retryable) == ("w failed: the sink is closed", False)
+    reopened = session.start()
+    assert reopened is not opened
+    assert session.open() is reopened
+    await session.close()
+
+
+async def test_plain_credentials_allowed_are_logged_with_sink_and_url() -> None:
+    sink = InfluxDBSink(
+        "10.20.30.40", username="luna", password="pw-x", create_database=False,
+        allow_plain_credentials=True, name="remote",
+    )  # fmt: skip
+    with capture_logs() as logs:
+        await sink.start()
+    await sink.close()
+    assert logs == [
+        {
+            "event": "influxdb_plain_credentials",
+            "sink": "remote",
+            "url": "http://10.20.30.40:8086",
+            "detail": "credentials are sent over plain HTTP (allow_plain_credentials=True)",
+            "log_level": "warning",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("credentials", "tls", "host", "allow", "plain"),
+    [
+        (True, False, "10.0.0.1", True, True),  # allowed, and to be warned about
+        (True, True, "10.0.0.1", False, False),
+        (True, False, "127.0.0.1", False, False),
+        (True, False, "localhost", False, False),
+        (False, False, "10.0.0.1", False, False),
+    ],
+)
+def test_refuse_plain_credentials(
+    credentials: bool, tls: bool, host: str, allow: bool, plain: bool
+) -> None:
+    assert refuse_plain_credentials(credentials, tls, host, allow) is plain
+
+
+@pytest.mark.parametrize("host", ["10.0.0.1", None])
+def test_plain_credentials_to_another_host_are_refused_with_the_way_out(host: str | None) -> None:
+    with pytest.raises(ValueError) as caught:  # noqa: PT011 - the message is checked whole
+        refuse_plain_credentials(True, False, host, False)
+    assert str(caught.value) == (
+        f"credentials would go to {host} over plain HTTP: use TLS,"
+        " or pass allow_plain_credentials=True to accept that"
+    )

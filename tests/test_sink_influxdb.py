@@ -184,34 +184,83 @@ async def test_tag_value_with_trailing_backslash_is_stored(
     assert typed(influxd.stored(db)) == typed([point])
 
 
+STORED, REFUSED = "stored", "refused"
+
+
 @pytest.mark.parametrize("where", ["tag key", "field key"])
-async def test_key_with_trailing_backslashes_is_stored_or_refused(
-    influxd: InfluxServer, sink_for: Callable[..., InfluxDBSink], db: str, where: str
+@pytest.mark.parametrize(
+    ("key", "outcome"),
+    [
+        ("k\\", REFUSED),  # a trailing backslash: 1.x cannot store it
+        ("k\\\\", REFUSED),  # two: the same
+        ("k\\,x", REFUSED),  # an odd run before a separator
+        ("k\\\\\\=x", REFUSED),
+        ("k\\x", STORED),  # a backslash elsewhere is stored as given
+        ("k\\\\x", STORED),
+        ("k\\\\,x", STORED),  # an even run before a separator
+        ("k\\\\ x", STORED),
+        ("k\\\\=x", STORED),
+        ("k,x y=z", STORED),  # separators alone are escaped
+    ],
+)
+async def test_key_with_backslashes_is_stored_or_refused_as_the_policy_says(
+    influxd: InfluxServer,
+    sink_for: Callable[..., InfluxDBSink],
+    db: str,
+    where: str,
+    key: str,
+    outcome: str,
 ) -> None:
-    key = "k\\\\"
-    try:
+    def make() -> Point:
         if where == "tag key":
-            point = Point("m", T0, {key: "v"}, {"f": 1.0})
-        else:
-            point = Point("m", T0, None, {key: 1.0})
-    except ValueError:
-        return  # refused up front, with a clear error: fine
+            return Point("m", T0, {key: "v"}, {"f": 1.0})
+        return Point("m", T0, None, {key: 1.0})
+
+    if outcome == REFUSED:
+        with pytest.raises(ValueError, match="backslash"):
+            make()  # refused up front, with a clear error
+        return
+    point = make()
     sink = sink_for(db)
     await sink.write([point])
-    assert typed(influxd.stored(db)) == typed([point])
+    stored = influxd.stored(db)
+    assert typed(stored) == typed([point])
+    assert key in (stored[0][2] if where == "tag key" else stored[0][3])
 
 
-@pytest.mark.parametrize("series", ["m\\\\,x", "m\\\\=x", "m\\\\ x", "m\\\\"])
-async def test_series_with_backslashes_before_separator_is_stored_or_refused(
-    influxd: InfluxServer, sink_for: Callable[..., InfluxDBSink], db: str, series: str
+@pytest.mark.parametrize(
+    ("series", "outcome"),
+    [
+        ("m\\\\,x", REFUSED),  # any backslash before a separator: 1.x garbles it
+        ("m\\\\=x", REFUSED),
+        ("m\\\\ x", REFUSED),
+        ("m\\,x", REFUSED),
+        ("m\\\\", REFUSED),  # trailing backslashes
+        ("m\\", REFUSED),
+        ("m\\x", STORED),  # backslashes elsewhere are stored as given
+        ("m\\\\x", STORED),
+        ("m,x", STORED),  # separators without a backslash are escaped
+        ("m x", STORED),
+        ("m=x", STORED),
+    ],
+)
+async def test_series_with_backslashes_is_stored_or_refused_as_the_policy_says(
+    influxd: InfluxServer,
+    sink_for: Callable[..., InfluxDBSink],
+    db: str,
+    series: str,
+    outcome: str,
 ) -> None:
-    try:
-        point = Point(series, T0, {"k": "v"}, {"f": 1.0})
-    except ValueError:
-        return  # refused up front, with a clear error: fine
+    if outcome == REFUSED:
+        with pytest.raises(ValueError, match="backslash"):
+            Point(series, T0, {"k": "v"}, {"f": 1.0})  # refused up front, with a clear error
+        return
+    point = Point(series, T0, {"k": "v"}, {"f": 1.0})
     sink = sink_for(db)
     await sink.write([point])
-    assert typed(influxd.stored(db)) == typed([point])
+    stored = influxd.stored(db)
+    assert typed(stored) == typed([point])
+    assert stored[0][0] == series
 
 
 async def test_victoria_metrics_v1_write_endpoint(victoria_metrics: VictoriaMetricsServer) -> None:
