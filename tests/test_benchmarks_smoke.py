@@ -85,7 +85,12 @@ def figure(cells: list[str]) -> float:
 def test_service() -> None:
     rows = table(run_script("bench_service"))
     assert figure(row(rows, "bare aiohttp")) > 0
-    for label in ("**lunamon** middleware", "**lunamon** `@monitor_request`"):
+    labels = (
+        "**lunamon** middleware, full",
+        "**lunamon** middleware with Prometheus",
+        "**lunamon** `@monitor_request`",
+    )
+    for label in labels:
         cells = row(rows, label)
         assert figure(cells) > 0
         assert cells[2]  # a ratio to bare
