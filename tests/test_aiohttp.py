@@ -641,15 +641,16 @@ async def test_a_point_that_cannot_be_recorded_is_logged_once_per_interval(
 
     monkeypatch.setattr(monitoring, "emit", raising_emit)
     client = await aiohttp_client(app)
+    event = {"event": "record_failed", "error": repr(broken)[:1024], "log_level": "error"}
     with capture_logs() as logs:
         assert (await client.get("/file")).status == 200  # recorded after the response
+        await asyncio.sleep(0.05)
+    assert [e for e in logs if e["event"] == "record_failed"] == [event]
+    with capture_logs() as logs:
         assert (await client.get("/file")).status == 200
         assert (await client.get("/plain")).status == 200  # recorded by the middleware
         await asyncio.sleep(0.05)
-    failed = [e for e in logs if e["event"] == "record_failed"]
-    assert failed == [
-        {"event": "record_failed", "error": repr(broken)[:1024], "log_level": "error"}
-    ]  # once: both ways of recording share one rate limit
+    assert [e for e in logs if e["event"] == "record_failed"] == []  # one rate limit for both
 
 
 async def test_a_failing_error_code_getter_is_logged_and_the_default_used(
@@ -896,3 +897,199 @@ async def test_configured_plugins_are_given_the_application(
     (sink,) = monitoring.sinks
     plugin = sink.plugin  # type: ignore[attr-defined]
     assert plugin.app is app
+
+
+# ------------------------------------------------------------------- Server-Timing and Expect
+
+
+def _fixed_clocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every timed step lasts 0.25 s; a request's total is 0.125 s when its header is made."""
+    import itertools
+    from types import SimpleNamespace
+
+    import lunamon._recorder
+    import lunamon.timing
+
+    steps = itertools.cycle([10.0, 10.25])
+    monkeypatch.setattr(lunamon.timing, "perf_counter", lambda: next(steps))
+    calls = itertools.count()
+    monkeypatch.setattr(
+        lunamon._recorder,
+        "time",
+        SimpleNamespace(
+            time_ns=time.time_ns, perf_counter=lambda: 100.0 if next(calls) == 0 else 100.125
+        ),
+    )
+
+
+async def test_server_timing_of_a_streamed_response_is_exact(
+    aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A response prepared by the handler gets its header in the prepare hook.
+    async def stream(request: web.Request) -> web.StreamResponse:
+        for name in ("decode", "a b_time", "_time"):
+            with lunamon.measure(name):
+                pass
+        response = web.StreamResponse()
+        if request.query.get("own"):
+            response.headers["Server-Timing"] = "app;dur=1"
+        await response.prepare(request)
+        await response.write(b"x")
+        return response
+
+    for enabled in (True, False):
+        _fixed_clocks(monkeypatch)
+        app, _ = _recorder_app(stream, "/s", server_timing=enabled)
+        client = await aiohttp_client(app)
+        response = await client.get("/s")
+        assert response.status == 200
+        header = response.headers.get("Server-Timing")
+        if enabled:
+            assert header == (
+                "decode;dur=250.000, a_b;dur=250.000, step;dur=250.000, total;dur=125.000"
+            )
+            response = await client.get("/s?own=1")
+            assert response.headers.getall("Server-Timing") == ["app;dur=1"]  # left alone
+        else:
+            assert header is None
+        await client.close()
+        monkeypatch.undo()
+
+
+async def test_server_timing_only_for_requests_that_ask_as_configured(
+    aiohttp_client: ClientFactory,
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app, _ = _recorder_app(handler, "/", server_timing=True, server_timing_when="X-Debug:on:1")
+    client = await aiohttp_client(app)
+    for sent, shown in [({"X-Debug": "on:1"}, True), ({"X-Debug": "on"}, False), ({}, False)]:
+        response = await client.get("/", headers=sent)
+        assert ("Server-Timing" in response.headers) is shown, sent
+
+
+def test_server_timing_names_are_cached_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lunamon._recorder
+
+    names: dict[str, str] = {"cached_time": "from-the-cache"}
+    monkeypatch.setattr(lunamon._recorder, "_timing_names", names)
+    assert lunamon._recorder._timing_name("cached_time") == "from-the-cache"
+    assert lunamon._recorder._timing_name("match_policy_time") == "match_policy"
+    assert names["match_policy_time"] == "match_policy"
+    for i in range(1200):
+        lunamon._recorder._timing_name(f"step{i}_time")
+    assert len(names) == 1000
+
+
+async def test_an_expect_handler_answer_is_recorded_like_any_response(
+    aiohttp_client: ClientFactory,
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error_code": 9, "desc": "too big"}, status=417)
+
+    async def upload(request: web.Request) -> web.Response:
+        return web.Response(text="stored")
+
+    sink = MemorySink()
+    app = web.Application()
+    app.router.add_post("/handlers/{handlerId}/upload", upload, expect_handler=refuse)
+    lunamon.setup(app, service="svc", sinks=[sink])
+    client = await aiohttp_client(app)
+    before = time.time_ns()
+    for headers in ({"Luna-Request-Id": "given-id-7"}, {}):
+        response = await client.post(
+            "/handlers/h9/upload", data=b"x", headers={"Expect": "100-continue", **headers}
+        )
+        assert response.status == 417
+    await app[MONITORING_KEY].flush()
+    given, made = sink.series("request")
+    assert given.fields == {"request_id": "given-id-7", "execution_time": 0.0}
+    assert REQUEST_ID.match(str(made.fields["request_id"]))
+    assert str(made.fields["request_id"]).split(",")[0] == str(made.time_ns // 10**9)
+    assert made.fields["execution_time"] == 0.0
+    for point in (given, made):
+        assert dict(point.tags) == {"service": "svc", "route": "POST:/handlers/{handlerId}/upload",
+                                    "status_code": "417", "handler_id": "h9"}  # fmt: skip
+        assert isinstance(point.time_ns, int)
+        assert point.time_ns >= before
+    assert [e.tags["error_code"] for e in sink.series("error")] == ["9", "9"]  # from the body
+
+
+async def test_an_expect_answer_that_cannot_be_recorded_is_logged_in_the_shared_limit(
+    aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from structlog.testing import capture_logs
+
+    broken = RuntimeError("emit broke " + "e" * 2000)
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app, _ = _recorder_app(echo, "/echo", method="POST")
+
+    def raising_emit(point: Point) -> None:
+        raise broken
+
+    monkeypatch.setattr(app[MONITORING_KEY], "emit", raising_emit)
+    client = await aiohttp_client(app)
+    event = {"event": "record_failed", "error": repr(broken)[:1024], "log_level": "error"}
+    with capture_logs() as logs:
+        response = await client.post("/echo", data=b"x", headers={"Expect": "x"})
+        assert response.status == 417  # aiohttp's own answer to an unknown expectation
+    assert [e for e in logs if e["event"] == "record_failed"] == [event]
+    with capture_logs() as logs:
+        assert (await client.post("/echo", data=b"x")).status == 200
+    assert [e for e in logs if e["event"] == "record_failed"] == []  # one rate limit for both
+
+
+# ------------------------------------------------------------------------ /metrics wiring
+
+
+async def test_without_metrics_there_is_no_metrics_route(aiohttp_client: ClientFactory) -> None:
+    monitoring = lunamon.setup(app := web.Application(), service="s", sinks=[])
+    assert monitoring.metrics is None
+    client = await aiohttp_client(app)
+    assert (await client.get("/metrics")).status == 404
+
+
+def test_the_metrics_sink_is_the_one_monitoring_exposes() -> None:
+    monitoring = lunamon.setup(web.Application(), service="s", sinks=[], metrics={"enabled": True})
+    assert monitoring.metrics is not None
+    assert monitoring.sinks == [monitoring.metrics]
+
+
+def test_metrics_without_prometheus_client_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lunamon.metrics", None)  # as if it could not be imported
+    with pytest.raises(ImportError) as caught:
+        lunamon.setup(web.Application(), service="s", sinks=[], metrics={"enabled": True})
+    assert str(caught.value).startswith("[monitoring.metrics] needs prometheus_client (")
+    assert str(caught.value).endswith("): pip install 'lunamon[metrics]'")
+
+
+async def test_metrics_port_listens_only_when_enabled_only_on_its_host_and_logs_nothing(
+    aiohttp_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="aiohttp.access")
+    for enabled in (False, True):
+        port = free_port()
+        metrics = {"enabled": enabled, "port": port, "host": "127.0.0.2"}
+        app = web.Application()
+        lunamon.setup(app, service="s", sinks=[], metrics=metrics)
+        client = await aiohttp_client(app)
+        async with aiohttp.ClientSession() as session:
+            for host, listening in (("127.0.0.2", enabled), ("127.0.0.1", False)):
+                try:
+                    async with session.get(f"http://{host}:{port}/metrics") as response:
+                        answered = response.status == 200
+                except aiohttp.ClientConnectionError:
+                    answered = False
+                assert answered is listening, (enabled, host)
+        await client.close()
+    assert [r for r in caplog.records if r.name == "aiohttp.access"] == []
