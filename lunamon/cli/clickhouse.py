@@ -26,10 +26,9 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 
 from lunamon.cli.influxql import parse_duration
+from lunamon.cli.send import deliver
 from lunamon.flusher import SinkStats
-from lunamon.monitoring import Monitoring
 from lunamon.point import FieldValue, Point
-from lunamon.settings import MonitoringSettings
 from lunamon.sinks._http import classify_exception, read_error_body, truncate
 from lunamon.sinks.clickhouse import (
     ClickHouseSink,
@@ -69,7 +68,6 @@ _DATETIME64: Final = re.compile(r"(?:Nullable\()?DateTime64\(")
 _DATETIME: Final = re.compile(r"(?:Nullable\()?DateTime(?:\(|$)")
 # How much of the server's explanation a one-line CLI error keeps.
 _SERVER_TEXT: Final = 300
-_POLL: Final = 0.1  # seconds between progress updates of send_points
 
 
 class ClickHouseURLError(ValueError):
@@ -340,36 +338,12 @@ async def send_points(
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, SinkStats]:
     """Write ``points`` to ``target`` through a :class:`Monitoring` (batches, retries,
-    accounting as in a service); the stats once every point is written or dropped.
-
-    The same loop as :func:`lunamon.cli.send.send_points`, with ClickHouse's ``/ping``.
-    """
+    accounting as in a service); the stats once every point is written or dropped."""
     await ping(target)
-    settings = MonitoringSettings(
-        service="lunamon-send",
+    return await deliver(
+        points,
+        target.sink(),
         batch_size=batch_size,
-        buffer_size=max(len(points), batch_size),
         max_retries=max_retries,
-        shutdown_timeout=30.0,
+        on_progress=on_progress,
     )
-    monitoring = Monitoring(settings, [target.sink()])
-    await monitoring.start()
-    try:
-        for point in points:
-            monitoring.emit(point)
-        flush = asyncio.create_task(monitoring.flush())
-        while True:
-            (stats,) = monitoring.stats().values()
-            if on_progress is not None:
-                on_progress(stats["emitted"] - stats["buffered"])
-            if flush.done() and not stats["buffered"]:
-                break
-            await asyncio.sleep(_POLL)
-        await flush
-    finally:
-        await monitoring.close()
-    final = monitoring.stats()
-    if on_progress is not None:
-        (stats,) = final.values()
-        on_progress(stats["emitted"] - stats["buffered"])
-    return final

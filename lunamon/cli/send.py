@@ -17,8 +17,9 @@ from lunamon.flusher import SinkStats
 from lunamon.monitoring import Monitoring
 from lunamon.point import Point
 from lunamon.settings import MonitoringSettings
+from lunamon.sinks.base import Sink
 
-__all__ = ["send_points"]
+__all__ = ["deliver", "send_points"]
 
 _POLL: Final = 0.1  # seconds between progress updates
 
@@ -35,6 +36,25 @@ async def send_points(
     :meth:`Monitoring.stats`) once every point is written or dropped
     (``on_progress`` gets the number done so far)."""
     await ping(target)
+    return await deliver(
+        points,
+        target.sink(),
+        batch_size=batch_size,
+        max_retries=max_retries,
+        on_progress=on_progress,
+    )
+
+
+async def deliver(
+    points: Sequence[Point],
+    sink: Sink,
+    *,
+    batch_size: int = 5000,
+    max_retries: int = 10,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[str, SinkStats]:
+    """``points`` into ``sink`` through a :class:`Monitoring` (batches, retries and
+    accounting as in a service); the stats once every point is written or dropped."""
     settings = MonitoringSettings(
         service="lunamon-send",
         batch_size=batch_size,
@@ -42,7 +62,7 @@ async def send_points(
         max_retries=max_retries,
         shutdown_timeout=30.0,
     )
-    monitoring = Monitoring(settings, [target.sink()])
+    monitoring = Monitoring(settings, [sink])
     await monitoring.start()
     try:
         for point in points:
