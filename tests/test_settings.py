@@ -1179,3 +1179,97 @@ def test_the_process_environment_default_shows_no_variable() -> None:
     from lunamon.settings import PROCESS_ENV
 
     assert repr(PROCESS_ENV) == "<process environment>"
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "message"),
+    [
+        ({"metrics": 5}, "metrics", "expected a table ([monitoring.metrics]), got integer 5"),
+        ({"metrics": {"prt": 1}}, "metrics.prt", "unknown setting (did you mean 'port'?)"),
+        ({"metrics": {"path": "metrics"}}, "metrics.path",
+         "expected a plain URL path such as '/metrics', got 'metrics'"),
+        ({"metrics": {"path": "/a b"}}, "metrics.path",
+         "expected a plain URL path such as '/metrics', got '/a b'"),
+        ({"metrics": {"path": "  "}}, "metrics.path", "must not be empty"),
+        ({"metrics": {"port": 65536}}, "metrics.port",
+         "must be a port number (0 for none), got 65536"),
+        ({"metrics": {"port": -1}}, "metrics.port", "must be >= 0, got -1"),
+        ({"metrics": {"buckets": "1"}}, "metrics.buckets",
+         "expected an array of bucket bounds in seconds, got string '1'"),
+        ({"metrics": {"buckets": [1, "x"]}}, "metrics.buckets[1]",
+         "expected a number of seconds, got string 'x'"),
+        ({"metrics": {"buckets": []}}, "metrics.buckets", "needs at least one bucket bound"),
+        ({"metrics": {"buckets": [2, 1]}}, "metrics.buckets",
+         "bounds must increase strictly, got [2.0, 1.0]"),
+        ({"metrics": {"extra_labels": 5}}, "metrics.extra_labels",
+         "expected a table of label = value, got integer 5"),
+        ({"metrics": {"extra_labels": {"1x": "a"}}}, "metrics.extra_labels",
+         "'1x' is not a Prometheus label name"),
+        ({"metrics": {"extra_labels": {"__x": "a"}}}, "metrics.extra_labels",
+         "'__x' is not a Prometheus label name"),
+        ({"metrics": {"extra_labels": {5: "a"}}}, "metrics.extra_labels",
+         "5 is not a Prometheus label name"),
+        ({"metrics": {"extra_labels": {"service": "a"}}}, "metrics.extra_labels.service",
+         "label 'service' is set by lunamon itself; choose another name"),
+        ({"metrics": {"extra_labels": {"dc": 5}}}, "metrics.extra_labels.dc",
+         "expected a string, got integer 5"),
+        ({"metrics": {"multiprocess_dir": 5}}, "metrics.multiprocess_dir",
+         "expected a string (empty for none), got integer 5"),
+        ({"server_timing_when": 5}, "server_timing_when",
+         "expected 'Header' or 'Header: value' (or ''), got integer 5"),
+        ({"server_timing_when": "bad header: x"}, "server_timing_when",
+         "'bad header' is not a valid HTTP header name"),
+    ],
+)  # fmt: skip
+def test_metrics_and_server_timing_refusals_are_exact(
+    options: dict[str, Any], key: str, message: str
+) -> None:
+    assert problem(lambda: MonitoringSettings(**options)) == (key, message)
+
+
+def test_metrics_values_at_their_limits_are_accepted() -> None:
+    table: Any = {"port": 65535, "path": "/aX", "extra_labels": {"dc_X": "eu"}}
+    metrics = MonitoringSettings(metrics=table).metrics
+    assert (metrics.port, metrics.path, dict(metrics.extra_labels)) == (
+        65535,
+        "/aX",
+        {"dc_X": "eu"},
+    )
+
+
+def test_metrics_variables_override_the_file_table_key_by_key() -> None:
+    from lunamon.settings import MetricsSettings
+
+    env = {"LUNAMON_METRICS_PORT": "9100", "LUNAMON_BATCH_SIZE": "7"}  # metrics_ first
+    for table in ({"enabled": True, "path": "/p"}, MetricsSettings(enabled=True, path="/p")):
+        settings = MonitoringSettings.from_mapping({"metrics": table}, env=env)
+        metrics = settings.metrics
+        assert (metrics.enabled, metrics.path, metrics.port) == (True, "/p", 9100)
+        assert settings.batch_size == 7  # and the variables after it are read too
+    error = settings_error(lambda: MonitoringSettings.from_env({"LUNAMON_METRICS_BUCKETS": "a,b"}))
+    assert (error.key, error.problem) == (
+        "environment variable LUNAMON_METRICS_BUCKETS",
+        "expected numbers separated by commas, got 'a,b'",
+    )
+
+
+def test_an_unknown_metrics_variable_gets_a_metrics_suggestion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lunamon.settings
+
+    monkeypatch.setattr(lunamon.settings, "_warned_env", set())
+    with capture_logs() as logs:
+        MonitoringSettings.from_env({"LUNAMON_METRICS_PROT": "9100"})
+    (warned,) = [e for e in logs if e["event"] == "unknown_environment_variable"]
+    assert warned["hint"] == "did you mean LUNAMON_METRICS_PORT?"
+    assert "LUNAMON_METRICS_PORT" in warned["known"]
+
+
+def test_errors_of_a_file_and_its_variables_name_the_file_normalised(tmp_path: Path) -> None:
+    write_json(tmp_path, {"batch_sise": 1}, name="unknown.json")
+    write_json(tmp_path, {}, name="ok.json")
+    for name, env in [("unknown.json", {}), ("ok.json", {"LUNAMON_BATCH_SIZE": "x"})]:
+        given = f"{tmp_path}/./{name}"
+        error = settings_error(lambda g=given, e=env: MonitoringSettings.load(g, env=e))  # type: ignore[misc]
+        assert error.source == str(tmp_path / name), name
