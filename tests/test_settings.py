@@ -1036,7 +1036,10 @@ def test_an_unknown_variable_is_warned_about_once_with_the_known_ones(
     monkeypatch.setattr(lunamon.settings, "_warned_env", set())
     with capture_logs() as logs:
         MonitoringSettings.from_env({"LUNAMON_BATCH_SIZZE": "9"})
-        MonitoringSettings.from_env({"LUNAMON_BATCH_SIZZE": "9"})
+        settings = MonitoringSettings.from_env(
+            {"LUNAMON_BATCH_SIZZE": "9", "LUNAMON_BATCH_SIZE": "7"}
+        )
+    assert settings.batch_size == 7  # the variables after an unknown one are read too
     (warned,) = [e for e in logs if e["event"] == "unknown_environment_variable"]
     assert warned["variable"] == "LUNAMON_BATCH_SIZZE"
     assert warned["hint"] == "did you mean LUNAMON_BATCH_SIZE?"
@@ -1251,6 +1254,21 @@ def test_metrics_variables_override_the_file_table_key_by_key() -> None:
         "environment variable LUNAMON_METRICS_BUCKETS",
         "expected numbers separated by commas, got 'a,b'",
     )
+
+
+def test_only_metrics_variables_reach_the_metrics_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lunamon.settings
+
+    monkeypatch.setattr(lunamon.settings, "_warned_env", set())
+    # "service_" is as long as "metrics_": LUNAMON_SERVICE_PORT is no metrics port.
+    with capture_logs() as logs:
+        settings = MonitoringSettings.from_env({"LUNAMON_SERVICE_PORT": "9100"})
+    assert settings.metrics.port == 0
+    assert [e["variable"] for e in logs if e["event"] == "unknown_environment_variable"] == [
+        "LUNAMON_SERVICE_PORT"
+    ]
 
 
 def test_an_unknown_metrics_variable_gets_a_metrics_suggestion(
