@@ -3,19 +3,38 @@
 The inverse of :mod:`lunamon.point`'s encoder: a newline inside a quoted string
 field does not end a line, blank lines and ``#`` comments are skipped, and a
 malformed line raises :class:`~lunamon.errors.LineProtocolError` naming its number.
+
+:class:`LineReader` reads a file in binary blocks, in constant memory: the lines
+lunamon writes (no backslash, string and float fields, a timestamp) are matched
+by one regular expression per field layout, learnt from the first line of the
+layout, and their tags parsed once per distinct series-and-tags prefix; every
+other line goes to the exact parser, so the points and the errors are the same.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator
+from operator import itemgetter
+from typing import IO, Final
 
 from lunamon.errors import LineProtocolError
-from lunamon.point import FieldValue, Point
+from lunamon.point import FieldValue, Point, TagSet
 
-__all__ = ["LineProtocolError", "iter_line_protocol", "parse_line", "parse_line_protocol"]
+__all__ = [
+    "FastLine",
+    "Head",
+    "LineProtocolError",
+    "LineReader",
+    "NotTextError",
+    "Record",
+    "Shape",
+    "iter_line_protocol",
+    "parse_line",
+    "parse_line_protocol",
+    "to_point",
+]
 
 
 def _split_logical_lines(text: str) -> Iterator[tuple[int, str]]:
@@ -185,34 +204,285 @@ _FIELDS: Final = re.compile(r'[^,="]+=(?:"[^"]*"|[^,"]+)(?:,[^,="]+=(?:"[^"]*"|[
 
 
 def iter_line_protocol(lines: Iterable[str], start: int = 1) -> Iterator[Point]:
-    """Points from physical lines (a file object), parsed as they come: constant memory.
+    """Points from physical lines (a text file object), parsed as they come: constant memory.
 
     The same grammar as :func:`parse_line_protocol`: a string field may hold a raw
     newline (its line goes on in the next one), blank lines and ``#`` comments are
-    skipped. Lines without backslashes take a fast path (a regular expression);
+    skipped. The lines lunamon writes take the fast path of :class:`LineReader`;
     the others, and anything the fast path doubts, the exact parser.
     """
+    batches = ([line[:-1] if line.endswith("\n") else line] for line in lines)
+    for record in _records(batches, start, _Caches()):
+        yield to_point(record)
+
+
+class NotTextError(LineProtocolError):
+    """The input is not UTF-8 text; ``offset`` is the first bad byte."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"not UTF-8 text: byte {offset}")
+        self.offset = offset
+
+
+class Head:
+    """A series-and-tags prefix (the line up to its first space) and its parsed parts,
+    shared by every line that starts with it, with the field layouts seen after it."""
+
+    __slots__ = ("misses", "series", "shapes", "tags", "text")
+
+    def __init__(self, text: str, series: str, tags: TagSet) -> None:
+        self.text = text
+        self.series = series
+        self.tags = tags  # shared by the points of this head: never mutate it
+        self.shapes: list[Shape] = []
+        self.misses = 0  # lines whose layout could not be learnt
+
+
+class Shape:
+    """One layout of fields: their keys in order, which are strings and which floats,
+    and the regular expression that matches the rest of a line of that layout
+    (fields and timestamp), one group per value and one for the timestamp."""
+
+    __slots__ = ("float_at", "float_keys", "floats", "keys", "match", "strings", "strings_first")
+
+    def __init__(self, keys: tuple[str, ...], kinds: tuple[bool, ...]) -> None:
+        self.keys = keys  # every field key, in line order
+        parts = [
+            re.escape(key) + "=" + (_STRING if text else _BARE)
+            for key, text in zip(keys, kinds, strict=True)
+        ]
+        self.match: Callable[[str], re.Match[str] | None] = re.compile(
+            ",".join(parts) + r" (-?\d+)"
+        ).fullmatch
+        self.float_at = float_at = tuple(i for i, text in enumerate(kinds) if not text)
+        self.float_keys = tuple(keys[i] for i in float_at)
+        self.floats: Callable[[tuple[str, ...]], tuple[str, ...]] = _getter(float_at)
+        self.strings: Callable[[tuple[str, ...]], tuple[str, ...]] = _getter(
+            tuple(i for i, text in enumerate(kinds) if text)
+        )
+        self.strings_first = all(kinds[: len(kinds) - len(float_at)])
+
+    def fields(self, groups: tuple[str, ...], floats: list[float]) -> dict[str, FieldValue]:
+        """The fields of a matched line, in line order."""
+        if self.strings_first:
+            return dict(zip(self.keys, [*self.strings(groups), *floats], strict=True))
+        values: list[FieldValue] = list(groups[:-1])
+        for index, value in zip(self.float_at, floats, strict=True):
+            values[index] = value
+        return dict(zip(self.keys, values, strict=True))
+
+
+def _getter(indexes: tuple[int, ...]) -> Callable[[tuple[str, ...]], tuple[str, ...]]:
+    if not indexes:
+        return lambda groups: ()
+    if len(indexes) == 1:
+        (only,) = indexes
+        return lambda groups: (groups[only],)
+    return itemgetter(*indexes)
+
+
+# A line of the fast path: its head, its layout, the layout's regex groups (the
+# values as text, then the timestamp), the float values, the time and the line itself.
+FastLine = tuple[Head, Shape, tuple[str, ...], list[float], int, str]
+# What :class:`LineReader` yields: a fast line, or a point of the exact parser.
+Record = FastLine | Point
+
+_BLOCK: Final = 1 << 20  # bytes read at a time
+_HEADS_LIMIT: Final = 65_536  # distinct heads remembered (the cache is cleared beyond)
+_SHAPES_PER_HEAD: Final = 16  # layouts learnt per head; beyond, lines take the exact path
+# A bare value: float() decides (ints, booleans, nan and inf go to the exact parser).
+_BARE: Final = r'([^,"\s\\]+)'
+_STRING: Final = r'"([^"\\\n]*)"'
+_KEY: Final = r'[^,="\s\\]+'
+_PAIRS: Final = re.compile(rf'({_KEY})=("[^"\\\n]*"|[^,"\s\\]+)(?:,|(?= -?\d+$))')
+_NO_HEAD: Final = Head("", "", TagSet())  # a head the fast path leaves to the exact parser
+
+
+class _Caches:
+    """Heads and layouts learnt while reading one input."""
+
+    __slots__ = ("heads", "shapes")
+
+    def __init__(self) -> None:
+        self.heads: dict[str, Head] = {}
+        self.shapes: dict[tuple[tuple[str, ...], tuple[bool, ...]], Shape] = {}
+
+    def head(self, text: str) -> Head:
+        if len(self.heads) >= _HEADS_LIMIT:
+            self.heads.clear()
+        head = self.heads[text] = _learn_head(text)
+        return head
+
+    def shape(self, head: Head, rest: str) -> Shape | None:
+        """The layout of ``rest`` (fields and timestamp), remembered for ``head``."""
+        if len(head.shapes) + head.misses >= _SHAPES_PER_HEAD:
+            return None
+        pairs = _PAIRS.findall(rest)
+        keys = tuple(key for key, _ in pairs)
+        kinds = tuple(value[:1] == '"' for _, value in pairs)
+        # Duplicate keys (the exact parser keeps the last one) or a bare value that is
+        # no float (an integer, a boolean): the exact parser's.
+        if not keys or len(set(keys)) != len(keys) or not all(map(_is_float, pairs)):
+            head.misses += 1
+            return None
+        shape = self.shapes.get((keys, kinds))
+        if shape is None:
+            if len(self.shapes) >= _HEADS_LIMIT:
+                self.shapes.clear()
+            shape = self.shapes[(keys, kinds)] = Shape(keys, kinds)
+        if shape.match(rest) is None:
+            head.misses += 1
+            return None
+        head.shapes.append(shape)
+        return shape
+
+
+def _is_float(pair: tuple[str, str]) -> bool:
+    value = pair[1]
+    if value[:1] == '"':
+        return True
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _learn_head(text: str) -> Head:
+    if "\\" in text or '"' in text:
+        return _NO_HEAD
+    series, *pairs = text.split(",")
+    if not series:
+        return _NO_HEAD
+    tags = TagSet()
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            return _NO_HEAD
+        tags[key] = value
+    return Head(text, series, tags)
+
+
+def to_point(record: Record) -> Point:
+    """The point of a record of :class:`LineReader`."""
+    if type(record) is Point:
+        return record
+    head, shape, groups, floats, time_ns, _ = record
+    return Point.trusted(head.series, time_ns, head.tags, shape.fields(groups, floats))
+
+
+def _records(batches: Iterable[list[str]], start: int, caches: _Caches) -> Iterator[Record]:
+    """Records from batches of physical lines (without their newline), numbered from ``start``."""
+    heads = caches.heads
+    learn_head = caches.head
+    learn_shape = caches.shape
+    no_head = _NO_HEAD
     pending: list[str] = []
     pending_no = 0
-    for lineno, physical in enumerate(lines, start):
-        if pending:
-            pending.append(physical)
-            text = "".join(pending)
-            if _inside_string(text):
+    lineno = start - 1
+    for lines in batches:
+        for raw in lines:
+            lineno += 1
+            if pending:
+                pending.append(raw + "\n")
+                text = "".join(pending)
+                if _inside_string(text):
+                    continue
+                pending = []
+                yield from _parse_chunk(text, pending_no)
                 continue
-            pending = []
-            yield from _parse_chunk(text, pending_no)
-            continue
-        line = physical.rstrip("\n").rstrip("\r")
-        if _skipped(line):
-            continue
-        if '"' in line and _open(line, physical):
-            pending, pending_no = [physical], lineno
-            continue
-        point = _parse_fast(line) if "\\" not in line else None
-        yield point if point is not None else parse_line(line, lineno)
+            line = raw.rstrip("\r") if raw[-1:] == "\r" else raw
+            if line[:1] in " \t#":  # also "": a blank line
+                if _skipped(line):
+                    continue
+            else:
+                text, _, rest = line.partition(" ")
+                head = heads.get(text)
+                if head is None:
+                    head = learn_head(text)
+                if head is not no_head:
+                    for shape in head.shapes:
+                        match = shape.match(rest)
+                        if match is not None:
+                            break
+                    else:
+                        learnt = learn_shape(head, rest)
+                        if learnt is None:
+                            match = None
+                        else:
+                            shape = learnt
+                            match = shape.match(rest)
+                    if match is not None:
+                        groups = match.groups()
+                        try:
+                            floats = list(map(float, shape.floats(groups)))
+                        except ValueError:  # "t", "3i": the exact parser's
+                            floats = [math.nan]
+                        total = sum(floats)
+                        if total - total == 0.0:  # nan or inf (or an overflow): exact path
+                            yield (head, shape, groups, floats, int(groups[-1]), line)
+                            continue
+            if '"' in line and _open(line, raw):
+                pending, pending_no = [raw + "\n"], lineno
+                continue
+            point = _parse_fast(line) if "\\" not in line else None
+            yield point if point is not None else parse_line(line, lineno)
     if pending:
         yield from _parse_chunk("".join(pending), pending_no)
+
+
+class LineReader:
+    """Records (:data:`Record`) of a binary line-protocol stream, read in blocks.
+
+    ``on_read`` gets the size of each block read (a progress bar); ``lines`` counts
+    the physical lines seen so far. A stream that is not UTF-8 raises
+    :class:`NotTextError`, a malformed line :class:`LineProtocolError` with its number.
+    """
+
+    def __init__(self, stream: IO[bytes], *, on_read: Callable[[int], None] | None = None) -> None:
+        self.stream = stream
+        self.on_read = on_read
+        self.lines = 0
+
+    def __iter__(self) -> Iterator[Record]:
+        return _records(self._batches(), 1, _Caches())
+
+    def points(self) -> Iterator[Point]:
+        """The records as points."""
+        for record in self:
+            yield to_point(record)
+
+    def _batches(self) -> Iterator[list[str]]:
+        read = self.stream.read
+        parts: list[bytes] = []
+        offset = 0  # bytes decoded so far
+        while True:
+            block = read(_BLOCK)
+            if not block:
+                break
+            if self.on_read is not None:
+                self.on_read(len(block))
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                parts.append(block)
+                continue
+            data = b"".join([*parts, block[:cut]]) if parts else block[:cut]
+            parts = [block[cut + 1 :]] if cut + 1 < len(block) else []
+            lines = self._decode(data, offset).split("\n")
+            offset += len(data) + 1
+            self.lines += len(lines)
+            yield lines
+        if parts:
+            last = self._decode(b"".join(parts), offset)
+            self.lines += 1
+            yield [last]
+
+    @staticmethod
+    def _decode(data: bytes, offset: int) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise NotTextError(offset + exc.start) from None
 
 
 def _open(line: str, physical: str) -> bool:

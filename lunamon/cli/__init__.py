@@ -105,13 +105,23 @@ def _logging(verbose: bool) -> Iterator[None]:
         structlog.reset_defaults()
 
 
+def _file_size(path: str) -> int | None:
+    """The size of ``path`` in bytes (a progress bar's total), ``None`` when unknown."""
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return None  # the reader tells why, in its own words
+
+
 class _Bar:
     """A progress bar on stderr when it is a terminal (else nothing), shown from ``start()``
-    so that lines printed before it stay above it."""
+    so that lines printed before it stay above it. ``unit="bytes"`` counts bytes (shown
+    as MB), else items."""
 
-    def __init__(self, total: int | None, label: str, enabled: bool) -> None:
+    def __init__(self, total: int | None, label: str, enabled: bool, unit: str = "items") -> None:
         self.total = total
         self.label = label
+        self.unit = unit
         self.enabled = enabled and sys.stderr.isatty()
         self._progress: Any = None
         self._task: Any = None
@@ -121,6 +131,7 @@ class _Bar:
             return
         from rich.progress import (
             BarColumn,
+            DownloadColumn,
             MofNCompleteColumn,
             Progress,
             TextColumn,
@@ -130,7 +141,7 @@ class _Bar:
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            DownloadColumn() if self.unit == "bytes" else MofNCompleteColumn(),
             TimeElapsedColumn(),
             console=_console(stderr=True),
             transient=True,
@@ -436,7 +447,7 @@ def _report(args: argparse.Namespace) -> int:
     _require("rich", "lunamon report")
     if args.html:
         _require("plotly", "--html")
-    from lunamon.cli.report import ReportInputError, build_report, load_file, print_report
+    from lunamon.cli.report import ReportInputError, build_report, print_report, report_file
 
     sources = [args.file, args.influx, args.clickhouse]
     if sum(source is not None for source in sources) != 1:
@@ -445,8 +456,9 @@ def _report(args: argparse.Namespace) -> int:
         raise CommandError("--database and --since go with --influx or --clickhouse")
     try:
         if args.file is not None:
-            points = load_file(args.file)
-            source = args.file
+            with _Bar(_file_size(args.file), "reading", not args.no_progress, unit="bytes") as bar:
+                bar.start()
+                report = report_file(args.file, service=args.service, on_read=bar.advance)
         elif args.clickhouse is not None:
             from lunamon.cli.clickhouse import query_points as clickhouse_points
             from lunamon.cli.clickhouse import since_ns
@@ -457,8 +469,8 @@ def _report(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CommandError(f"--since: {exc}") from None
             read = clickhouse_points(clickhouse, ("request", "error"), since=cutoff)
-            points = _run(read)
             source = f"ClickHouse {clickhouse}, last {args.since or '1h'}"
+            report = build_report(_run(read), source=source, service=args.service)
         else:
             from lunamon.cli.influxql import parse_duration, query_points
 
@@ -468,8 +480,7 @@ def _report(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CommandError(f"--since: {exc}") from None
             points = _run(query_points(target, ("request", "error"), f"time > now() - {since}"))
-            source = f"{target}, last {since}"
-        report = build_report(points, source=source, service=args.service)
+            report = build_report(points, source=f"{target}, last {since}", service=args.service)
     except ReportInputError as exc:
         raise CommandError(str(exc)) from None
     console = _console()
@@ -640,6 +651,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--service", help="only points of this service tag")
     report.add_argument("--html", metavar="FILE", help="write a self-contained page with charts")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     send = commands.add_parser(
         "send",

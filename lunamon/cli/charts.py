@@ -159,8 +159,8 @@ def errors_figure(report: Report) -> Any:
     buckets = range(origin, report.end_ns + 1, width_ns)
     labels = [datetime.fromtimestamp(t / 1e9, tz=timezone.utc) for t in buckets]
     by_label: dict[str, Counter[int]] = {g.label: Counter() for g in report.error_groups}
-    for time_ns, label in report.error_events:
-        by_label.setdefault(label, Counter())[(time_ns - origin) // width_ns] += 1
+    for label, times in report.error_events.items():
+        by_label.setdefault(label, Counter()).update((t - origin) // width_ns for t in times)
     requests: Counter[int] = Counter((t - origin) // width_ns for t in report.request_times)
     fig = go.Figure()
     for label, counts in by_label.items():

@@ -1,23 +1,38 @@
 """``lunamon report``: latency, sub-step and error tables from ``request``/``error`` points.
 
-Points come from a line-protocol file (:func:`load_file`) or from InfluxDB
-(:func:`lunamon.cli.influxql.query_points`); :func:`build_report` checks them
-against the data rules of DESIGN.md §1 and summarises them per route.
-Percentiles interpolate linearly between the two closest ranks (numpy's
-default, ``statistics.quantiles(..., method="inclusive")``).
+Points come from a line-protocol file (:func:`report_file`, which streams it) or
+from InfluxDB / ClickHouse (:func:`lunamon.cli.influxql.query_points`); a
+:class:`ReportBuilder` checks them against the data rules of DESIGN.md §1 and
+sums them up per route as they come, without keeping them: counts, per-step
+sums, and each request's ``execution_time`` in an ``array('d')`` (8 bytes a
+request), so that the percentiles stay exact. They interpolate linearly between
+the two closest ranks (numpy's default, ``statistics.quantiles(...,
+method="inclusive")``).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+import os
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from lunamon.lineprotocol import LineProtocolError, parse_line_protocol
+from lunamon.lineprotocol import (
+    FastLine,
+    Head,
+    LineProtocolError,
+    LineReader,
+    NotTextError,
+    Record,
+    Shape,
+    to_point,
+)
 from lunamon.point import FieldValue, Point
 
 if TYPE_CHECKING:
@@ -26,13 +41,16 @@ if TYPE_CHECKING:
 __all__ = [
     "ErrorGroup",
     "Report",
+    "ReportBuilder",
     "ReportInputError",
     "RouteSummary",
     "StepSummary",
     "build_report",
+    "file_records",
     "load_file",
     "percentile",
     "print_report",
+    "report_file",
 ]
 
 REQUEST: Final = "request"
@@ -106,9 +124,10 @@ class Report:
     errors: int
     routes: tuple[RouteSummary, ...]
     error_groups: tuple[ErrorGroup, ...]
-    # (time_ns, ErrorGroup.label) of every error point, in time order: the timeline chart.
-    error_events: tuple[tuple[int, str], ...] = field(repr=False)
-    request_times: tuple[int, ...] = field(repr=False)
+    # ErrorGroup.label -> the time_ns of each of its error points, in reading order,
+    # and the time_ns of every request point: the timeline chart.
+    error_events: Mapping[str, Sequence[int]] = field(repr=False)
+    request_times: Sequence[int] = field(repr=False)
 
     @property
     def error_rate(self) -> float:
@@ -116,7 +135,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain data (``lunamon report --json``), times in seconds."""
-        data = asdict(self)
+        data = asdict(replace(self, error_events={}, request_times=()))
         del data["error_events"], data["request_times"]
         for route, summary in zip(data["routes"], self.routes, strict=True):
             route["error_rate"] = summary.error_rate
@@ -138,44 +157,73 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 # --------------------------------------------------------------------------- input
 
 
-def load_file(path: str | Path) -> list[Point]:
-    """The points of a line-protocol file; :class:`ReportInputError` for anything unusable."""
+def file_records(
+    path: str | Path, *, on_read: Callable[[int], None] | None = None
+) -> Iterator[Record]:
+    """The records of a line-protocol file, read in blocks as they are consumed
+    (constant memory); :class:`ReportInputError` for anything unusable, raised where
+    it is met (an error on line 900,000 comes after the records before it)."""
     name = str(path)
     try:
-        data = Path(path).read_bytes()
+        stream = open(path, "rb")  # noqa: SIM115 - closed in the finally below
     except FileNotFoundError:
         raise ReportInputError(f"{name}: no such file") from None
     except IsADirectoryError:
         raise ReportInputError(f"{name}: is a directory, not a line-protocol file") from None
     except OSError as exc:
         raise ReportInputError(f"{name}: cannot read it: {exc.strerror or exc}") from None
-    if not data:
-        raise ReportInputError(f"{name}: the file is empty")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ReportInputError(
-            f"{name}: not line protocol (not UTF-8 text: byte {exc.start})"
-        ) from None
-    try:
-        points = parse_line_protocol(text)
-    except LineProtocolError as exc:
-        raise ReportInputError(f"{name}: {exc}") from None
-    except (ValueError, IndexError) as exc:  # the parser's own checks should catch all
-        raise ReportInputError(f"{name}: not line protocol ({exc})") from None
-    if not points:
-        raise ReportInputError(f"{name}: no points in the file (only blank lines or comments)")
-    _check_not_truncated(name, text, points)
-    return points
+        if os.fstat(stream.fileno()).st_size == 0:
+            raise ReportInputError(f"{name}: the file is empty")
+        reader = LineReader(stream, on_read=on_read)
+        count = 0
+        last = previous = 0
+        try:
+            for record in reader:
+                count += 1
+                previous, last = last, record[1] if type(record) is Point else record[4]
+                yield record
+        except NotTextError as exc:
+            raise ReportInputError(f"{name}: not line protocol ({exc})") from None
+        except LineProtocolError as exc:
+            raise ReportInputError(f"{name}: {exc}") from None
+        except (ValueError, IndexError) as exc:  # the parser's own checks should catch all
+            raise ReportInputError(f"{name}: not line protocol ({exc})") from None
+        except OSError as exc:
+            raise ReportInputError(f"{name}: cannot read it: {exc.strerror or exc}") from None
+        if not count:
+            raise ReportInputError(f"{name}: no points in the file (only blank lines or comments)")
+        stream.seek(-1, os.SEEK_END)
+        if stream.read(1) != b"\n" and count >= 2:
+            _check_not_truncated(name, reader.lines, last, previous)
+    finally:
+        stream.close()
 
 
-def _check_not_truncated(name: str, text: str, points: list[Point]) -> None:
-    """A last line cut inside its timestamp still parses; catch it by its short timestamp."""
-    if text.endswith("\n") or len(points) < 2:
-        return
-    last, previous = points[-1].time_ns, points[-2].time_ns
+def load_file(path: str | Path) -> list[Point]:
+    """The points of a line-protocol file; :class:`ReportInputError` for anything unusable.
+
+    Every point in memory: :func:`report_file` and ``lunamon send`` stream instead."""
+    return [to_point(record) for record in file_records(path)]
+
+
+def report_file(
+    path: str | Path,
+    *,
+    service: str | None = None,
+    on_read: Callable[[int], None] | None = None,
+) -> Report:
+    """The report of a line-protocol file, summed up while it is read (``on_read`` gets the
+    size of each block read); :class:`ReportInputError` for anything unusable."""
+    builder = ReportBuilder(source=str(path), service=service)
+    builder.add_records(file_records(path, on_read=on_read))
+    return builder.build()
+
+
+def _check_not_truncated(name: str, lineno: int, last: int, previous: int) -> None:
+    """A last line cut inside its timestamp still parses; catch it by its short timestamp
+    (the file does not end with a newline; ``lineno`` is its last line)."""
     if len(str(abs(last))) < len(str(abs(previous))):
-        lineno = text.count("\n") + 1
         raise ReportInputError(
             f"{name}: line {lineno}: truncated (no newline at the end and a timestamp"
             f" of {len(str(abs(last)))} digits after ones of {len(str(abs(previous)))})"
@@ -231,96 +279,259 @@ def build_report(points: Iterable[Point], *, source: str, service: str | None = 
     (missing ``route``/``status_code``/``execution_time``, a ``*_time`` field
     that is not a float, ...) and when there is no ``request`` point at all.
     """
-    durations: dict[str, list[float]] = defaultdict(list)
-    step_totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    step_counts: dict[str, Counter[str]] = defaultdict(Counter)
-    errors_by_route: Counter[str] = Counter()
-    groups: dict[tuple[int, int], Counter[str]] = defaultdict(Counter)
-    error_events: list[tuple[int, tuple[int, int]]] = []
-    request_times: list[int] = []
-    services: set[str] = set()
+    builder = ReportBuilder(source=source, service=service)
     for point in points:
+        builder.add(point)
+    return builder.build()
+
+
+class _Route:
+    """What the report keeps of one route: compact, whatever the number of requests."""
+
+    __slots__ = ("durations", "errors", "step_counts", "step_totals", "steps")
+
+    def __init__(self) -> None:
+        self.durations = array("d")  # execution_time of each request: exact percentiles
+        self.errors = 0
+        self.steps: dict[str, int] = {}  # step field -> its slot, in order of appearance
+        self.step_totals: list[float] = []  # summed in reading order, as ever
+        self.step_counts: list[int] = []
+
+    def slot(self, step: str) -> int:
+        index = self.steps.get(step)
+        if index is None:
+            index = self.steps[step] = len(self.steps)
+            self.step_totals.append(0.0)
+            self.step_counts.append(0)
+        return index
+
+
+_PLANS_LIMIT: Final = 65_536
+# The plans of a layout: how its lines add up.
+_SKIP: Final = ()  # left out: another series, another service
+_REQUEST: Final = 1
+_ERROR: Final = 2
+_SLOW: Final = 3  # through add(), which tells what is wrong with the line
+
+
+class ReportBuilder:
+    """Sums points up for the report as they come (:meth:`add`, :meth:`add_records`).
+
+    Memory: per route a few counters and 8 bytes per request (its
+    ``execution_time``), plus 8 bytes per request and per error for the timeline;
+    no point is kept. The lines of :class:`~lunamon.lineprotocol.LineReader`'s fast
+    path are added through a plan per layout (which field is which), with the same
+    checks and in the same order as :meth:`add`, so the numbers are the same.
+    """
+
+    def __init__(self, *, source: str, service: str | None = None) -> None:
+        self.source = source
+        self.service = service
+        self._routes: dict[str, _Route] = {}
+        self._groups: dict[tuple[int, int], Counter[str]] = {}
+        self._error_times: dict[tuple[int, int], array[int]] = {}
+        self._request_times = array("q")
+        self._services: set[str] = set()
+        self._plans: dict[tuple[Head, Shape], tuple[Any, ...]] = {}
+
+    def _route(self, route: str) -> _Route:
+        state = self._routes.get(route)
+        if state is None:
+            state = self._routes[route] = _Route()
+        return state
+
+    def _group(self, code: int, status: int) -> tuple[Counter[str], array[int]]:
+        key = (code, status)
+        counter = self._groups.get(key)
+        if counter is None:
+            counter = self._groups[key] = Counter()
+            self._error_times[key] = array("q")
+        return counter, self._error_times[key]
+
+    def add(self, point: Point) -> None:
+        """One point (other series than ``request`` and ``error`` are ignored)."""
         if point.series not in (REQUEST, ERROR):
-            continue
-        if service is not None and point.tags.get("service") != service:
-            continue
+            return
+        if self.service is not None and point.tags.get("service") != self.service:
+            return
+        source = self.source
         route = _route(source, point)
         status = _int_tag(source, point, "status_code")
         if "service" in point.tags:
-            services.add(point.tags["service"])
+            self._services.add(point.tags["service"])
         if point.series == ERROR:
             code = _int_tag(source, point, "error_code")
-            errors_by_route[route] += 1
-            groups[(code, status)][route] += 1
-            error_events.append((point.time_ns, (code, status)))
-            continue
+            self._route(route).errors += 1
+            counter, times = self._group(code, status)
+            counter[route] += 1
+            times.append(point.time_ns)
+            return
         if "execution_time" not in point.fields:
             raise _bad(source, point, "request point without field 'execution_time'")
-        totals = step_totals[route]
-        counts = step_counts[route]
+        state = self._route(route)
+        totals, counts = state.step_totals, state.step_counts
         for key, value in point.fields.items():
             if key == "execution_time":
-                durations[route].append(_seconds(source, point, key, value))
+                state.durations.append(_seconds(source, point, key, value))
             elif key.endswith("_time"):
-                totals[key] += _seconds(source, point, key, value)
-                counts[key] += 1
-        request_times.append(point.time_ns)
-    if not request_times:
-        where = f" of service {service!r}" if service is not None else ""
-        raise ReportInputError(f"{source}: no 'request' points{where}: nothing to report")
-    routes = []
-    for route in sorted(durations):
-        values = sorted(durations[route])
-        executed = math.fsum(values)
-        steps = tuple(
-            StepSummary(
-                name=name,
-                requests=step_counts[route][name],
-                total=total,
-                mean=total / len(values),
-                share=total / executed if executed else 0.0,
+                seconds = _seconds(source, point, key, value)
+                index = state.slot(key)
+                totals[index] += seconds
+                counts[index] += 1
+        self._request_times.append(point.time_ns)
+
+    def add_records(self, records: Iterable[Record]) -> None:
+        """Records of a :class:`~lunamon.lineprotocol.LineReader` (points or fast lines)."""
+        plans = self._plans
+        request_times = self._request_times.append
+        add = self.add
+        for record in records:
+            if type(record) is Point:
+                add(record)
+                continue
+            line: FastLine = record
+            head, shape, _, floats, time_ns, _ = line
+            plan = plans.get((head, shape))
+            if plan is None:
+                plan = self._plan(line)
+            if not plan:
+                continue
+            kind = plan[0]
+            if kind == _REQUEST:
+                _, durations, at, steps, totals, counts, times_of = plan
+                if min(times_of(floats)) < 0:
+                    add(to_point(line))  # raises, naming the field
+                    continue
+                durations(floats[at])
+                for index, slot in steps:
+                    totals[slot] += floats[index]
+                    counts[slot] += 1
+                request_times(time_ns)
+            elif kind == _ERROR:
+                _, state, counter, route, error_times = plan
+                state.errors += 1
+                counter[route] += 1
+                error_times(time_ns)
+            else:
+                add(to_point(line))
+
+    def _plan(self, line: FastLine) -> tuple[Any, ...]:
+        """How the lines of a head and layout add up: which float is which. The tags are
+        checked once, on the first line (which raises as :meth:`add` would)."""
+        head, shape = line[0], line[1]
+        if len(self._plans) >= _PLANS_LIMIT:
+            self._plans.clear()
+        try:
+            plan = self._new_plan(head, shape)
+        except ReportInputError:
+            self.add(to_point(line))  # the same error, about the line itself
+            raise
+        self._plans[(head, shape)] = plan
+        return plan
+
+    def _new_plan(self, head: Head, shape: Shape) -> tuple[Any, ...]:
+        tags = head.tags
+        if head.series not in (REQUEST, ERROR):
+            return _SKIP
+        if self.service is not None and tags.get("service") != self.service:
+            return _SKIP
+        # The tags are checked by the checks of add(), on a stand-in point.
+        probe = Point.trusted(head.series, 0, tags, dict.fromkeys(shape.keys, 0.0))
+        route = _route(self.source, probe)
+        status = _int_tag(self.source, probe, "status_code")
+        if head.series == ERROR:
+            code = _int_tag(self.source, probe, "error_code")
+            if "service" in tags:
+                self._services.add(tags["service"])
+            counter, times = self._group(code, status)
+            return (_ERROR, self._route(route), counter, route, times.append)
+        floats = {key: index for index, key in enumerate(shape.float_keys)}
+        timed = [key for key in shape.keys if key == "execution_time" or key.endswith("_time")]
+        if "execution_time" not in floats or any(key not in floats for key in timed):
+            return (_SLOW,)  # missing, or a string: add() tells which
+        if "service" in tags:
+            self._services.add(tags["service"])
+        state = self._route(route)
+        steps = tuple((floats[key], state.slot(key)) for key in timed if key != "execution_time")
+        at = floats["execution_time"]
+        return (
+            _REQUEST,
+            state.durations.append,
+            at,
+            steps,
+            state.step_totals,
+            state.step_counts,
+            _floats_getter([floats[key] for key in timed]),
+        )
+
+    def build(self) -> Report:
+        """The report; :class:`ReportInputError` when there was no ``request`` point."""
+        if not self._request_times:
+            where = f" of service {self.service!r}" if self.service is not None else ""
+            raise ReportInputError(f"{self.source}: no 'request' points{where}: nothing to report")
+        routes = []
+        for route in sorted(self._routes):
+            state = self._routes[route]
+            if not state.durations:
+                continue
+            values = sorted(state.durations)
+            executed = math.fsum(values)
+            steps = tuple(
+                StepSummary(
+                    name=name,
+                    requests=state.step_counts[index],
+                    total=state.step_totals[index],
+                    mean=state.step_totals[index] / len(values),
+                    share=state.step_totals[index] / executed if executed else 0.0,
+                )
+                for name, index in state.steps.items()
             )
-            for name, total in step_totals[route].items()
-        )
-        routes.append(
-            RouteSummary(
-                route=route,
-                requests=len(values),
-                errors=errors_by_route[route],
-                minimum=values[0],
-                p25=percentile(values, 25),
-                p50=percentile(values, 50),
-                p75=percentile(values, 75),
-                p95=percentile(values, 95),
-                p99=percentile(values, 99),
-                maximum=values[-1],
-                mean=executed / len(values),
-                steps=tuple(sorted(steps, key=lambda s: -s.total)),
+            routes.append(
+                RouteSummary(
+                    route=route,
+                    requests=len(values),
+                    errors=state.errors,
+                    minimum=values[0],
+                    p25=percentile(values, 25),
+                    p50=percentile(values, 50),
+                    p75=percentile(values, 75),
+                    p95=percentile(values, 95),
+                    p99=percentile(values, 99),
+                    maximum=values[-1],
+                    mean=executed / len(values),
+                    steps=tuple(sorted(steps, key=lambda s: -s.total)),
+                )
+            )
+            del values
+        error_groups = tuple(
+            sorted(
+                (
+                    ErrorGroup(code, status, sum(by_route.values()), dict(by_route.most_common()))
+                    for (code, status), by_route in self._groups.items()
+                ),
+                key=lambda g: (-g.count, g.error_code, g.status),
             )
         )
-    error_groups = tuple(
-        sorted(
-            (
-                ErrorGroup(code, status, sum(by_route.values()), dict(by_route.most_common()))
-                for (code, status), by_route in groups.items()
-            ),
-            key=lambda g: (-g.count, g.error_code, g.status),
+        times = self._request_times
+        return Report(
+            source=self.source,
+            services=tuple(sorted(self._services)),
+            start_ns=min(times),
+            end_ns=max(times),
+            requests=len(times),
+            errors=sum(len(t) for t in self._error_times.values()),
+            routes=tuple(routes),
+            error_groups=error_groups,
+            error_events={f"{c} ({s})": t for (c, s), t in self._error_times.items()},
+            request_times=times,
         )
-    )
-    error_events.sort()
-    request_times.sort()
-    return Report(
-        source=source,
-        services=tuple(sorted(services)),
-        start_ns=request_times[0],
-        end_ns=request_times[-1],
-        requests=len(request_times),
-        errors=len(error_events),
-        routes=tuple(routes),
-        error_groups=error_groups,
-        error_events=tuple((t, f"{code} ({status})") for t, (code, status) in error_events),
-        request_times=tuple(request_times),
-    )
+
+
+def _floats_getter(indexes: list[int]) -> Callable[[list[float]], Sequence[float]]:
+    if len(indexes) == 1:
+        (only,) = indexes
+        return lambda floats: (floats[only],)
+    return itemgetter(*indexes)
 
 
 # --------------------------------------------------------------------------- terminal
