@@ -616,6 +616,13 @@ _SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
             "only for requests carrying this header (`Name` or `Name: value`); '' all",
             'server_timing_when = "X-Debug-Timing: 1"',
         ),
+        "gc_freeze": _Spec(
+            _check_bool,
+            _env_bool,
+            "when monitoring starts, `gc.freeze()` what is alive (once per process): no full"
+            " garbage collection rescans the startup heap while the buffer fills",
+            "gc_freeze = true",
+        ),
         "metrics": _Spec(
             _check_metrics,
             None,
@@ -677,6 +684,7 @@ class MonitoringSettings:
     retry_max_delay: float = 30.0
     server_timing: bool = False
     server_timing_when: str = ""
+    gc_freeze: bool = True
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sinks: tuple[SinkSettings, ...] = ()
     # Where the settings came from (a file name); used in error messages.

@@ -54,6 +54,7 @@ GOOD = [
         "X-Debug-Timing:1",
         "X-Debug-Timing: 1",
     ),
+    Case("gc_freeze", "false", "false", False, False),
     # A table: variables set its keys one by one (LUNAMON_METRICS_PORT, test_metrics.py).
     Case(
         "metrics",
@@ -82,6 +83,7 @@ BAD = [
     Case("retry_max_delay", "-9.0", "-9.0", -9.0, None),
     Case("server_timing", '"yes"', None, "yes", None),
     Case("server_timing_when", '"Bad Header: 1"', "Bad Header: 1", "Bad Header: 1", None),
+    Case("gc_freeze", '"no"', None, "no", None),
     Case("metrics", "{port = 70000}", None, {"port": 70000}, None),
 ]
 
