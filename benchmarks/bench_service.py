@@ -9,6 +9,7 @@ to round. The ratio is the median of the per-round ratios to the bare server.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -145,10 +146,22 @@ def run_wrk(url: str, duration: int, connections: int, script: Path) -> tuple[fl
     return float(rps.group(1)), int(total.group(1))
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
-    variants: Sequence[str], rounds: int, duration: int, warmup: int, connections: int
+    variants: Sequence[str],
+    rounds: int,
+    duration: int,
+    warmup: int,
+    connections: int,
+    cpu: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]], dict[str, int]]:
-    """Per variant: the req/s of every round, the server's stats, the requests it served."""
+    """Per variant: the req/s of every round, the server's stats, the requests it served;
+    and in ``cpu``, when given, the server's CPU µs per request of every round."""
     results: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="lunamon-bench-service-") as tmp:
         workdir = Path(tmp)
@@ -166,8 +179,12 @@ def measure(
                 shift = round_no % len(variants)
                 for variant in [*variants[shift:], *variants[:shift]]:
                     server = servers[variant]
+                    before = server_cpu_seconds(server.proc.pid)
                     rps, total = run_wrk(server.url, duration, connections, script)
+                    used = server_cpu_seconds(server.proc.pid) - before
                     results[variant].append(rps)
+                    if cpu is not None and total:
+                        cpu.setdefault(variant, []).append(used / total * 1e6)
                     server.served += total
         finally:
             stats = {variant: server.stop() for variant, server in servers.items()}
@@ -205,15 +222,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     skipped = {v: m for v in wanted for m in REQUIRES.get(v, ()) if not have(m)}
     variants = [v for v in wanted if v not in skipped]
 
+    cpu: dict[str, list[float]] = {}
     results, stats, served = measure(
-        variants, args.rounds, args.duration, args.warmup, args.connections
+        variants, args.rounds, args.duration, args.warmup, args.connections, cpu
     )
     bare = results["bare"]
+    bare_cpu = Summary(cpu["bare"]).median if cpu.get("bare") else 0.0
     in_flight = args.connections * (args.rounds + (1 if args.warmup else 0))
     rows = []
     for variant in wanted:
         if variant in skipped:
-            rows.append([LABELS[variant], f"skipped: {skipped[variant]} not installed"] + [""] * 5)
+            rows.append([LABELS[variant], f"skipped: {skipped[variant]} not installed"] + [""] * 6)
             continue
         summary = Summary(results[variant])
         ratio = paired_ratio(results[variant], bare)
@@ -230,14 +249,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{fmt_int(summary.min)} / {fmt_int(summary.max)}",
                 fmt_ratio(ratio),
                 goal,
+                _cpu_cell(cpu.get(variant), bare_cpu),
                 _recorded(stats.get(variant, {}), served[variant], in_flight),
             ]
         )
     print(f"### {TITLE}\n")
     print(
         markdown_table(
-            ["variant", "req/s (median)", "min / max", "ratio to bare", "target", "recorded"],
-            [row[:6] for row in rows],
+            [
+                "variant",
+                "req/s (median)",
+                "min / max",
+                "ratio to bare",
+                "target",
+                "server CPU µs/request (over bare)",
+                "recorded",
+            ],
+            rows,
         )
     )
     print(
@@ -246,8 +274,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         " answering `Hello, World!`; the lunamon variants generate a request id, tag"
         " service/route/status_code/handler_id, emit the point, and their sink encodes"
         " every batch to line protocol. `recorded` = the points (spans, requests counted)"
-        " the server reported at shutdown, against the requests wrk counted."
+        " the server reported at shutdown, against the requests wrk counted. Server CPU ="
+        " the server process's user + system time per request served (median of the"
+        " rounds), which a busy machine disturbs far less than req/s."
     )
+
+
+def _cpu_cell(values: list[float] | None, bare: float) -> str:
+    if not values:
+        return "—"
+    median = Summary(values).median
+    return f"{median:.1f} (+{median - bare:.1f})"
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-import os
 import re
 import shutil
 import statistics
@@ -47,7 +46,7 @@ from benchmarks._common import (
     markdown_table,
 )
 from benchmarks._server import EncodingSink, hello
-from benchmarks.bench_service import Server, run_wrk
+from benchmarks.bench_service import Server, run_wrk, server_cpu_seconds
 from lunamon._ids import new_request_id
 from lunamon._recorder import RequestRecorder
 from lunamon._validation import sanitize_tag_value
@@ -439,12 +438,6 @@ def pyspy_rows(seconds: int, rate: int) -> list[Row]:
     return rows
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # (label, server variant, extra arguments) of the in-situ runs.
 INSITU: Final = (
     ("bare", "bare", ()),
@@ -487,9 +480,11 @@ def insitu_rows(seconds: int, rounds: int) -> list[Row]:
                 shift = round_no % len(labels)
                 for label in [*labels[shift:], *labels[:shift]]:
                     server = servers[label]
-                    before = _cpu_seconds(server.proc.pid)
+                    before = server_cpu_seconds(server.proc.pid)
                     _, requests = run_wrk(server.url, seconds, 32, script)
-                    cpu[label].append((_cpu_seconds(server.proc.pid) - before) / requests * 1e6)
+                    cpu[label].append(
+                        (server_cpu_seconds(server.proc.pid) - before) / requests * 1e6
+                    )
         finally:
             for label, server in servers.items():
                 costs[label] = server.stop().get("costs", {})
