@@ -159,9 +159,12 @@ def assert_every_request_answered(run: Run, sink: str) -> None:
 
 @pytest.mark.slow
 async def test_17_sustained_load_with_the_sink_down() -> None:
-    bound = 5_000
+    # Well under what the 5 s of load serve on a busy 2-core machine (2,400 seen), so the
+    # bound is always reached and overflow always counted.
+    bound = 1_000
     policy = {
         "buffer_size": bound,
+        "batch_size": 500,
         "max_retries": 10**6,
         "retry_max_delay": 1.0,
         "shutdown_timeout": 0.5,
