@@ -66,7 +66,7 @@ error as for an overload).
 from __future__ import annotations
 
 import asyncio
-import io
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -82,13 +82,17 @@ from lunamon._validation import INT64_MAX, INT64_MIN
 from lunamon.errors import BatchTooLarge, SinkError
 from lunamon.point import Point
 from lunamon.sinks._http import (
+    DEFAULT_COMPRESSION_LEVEL,
     HTTPSink,
-    classify_exception,
+    StreamedBody,
+    check_compression_level,
     classify_response,
     compress,
     parse_retry_after,
     read_error_body,
     refuse_plain_credentials,
+    request_data,
+    transport_error,
 )
 
 __all__ = [
@@ -323,22 +327,104 @@ def _data_json(point: Point) -> str:
 
 
 def _row(point: Point, time_column: _TimeColumn, ascii_only: bool = False) -> str:
+    """One row built from the point's parts (the reference the templates must equal)."""
     data = _dumps_ascii(row_data(point)) if ascii_only else _data_json(point)
     return (
         '{"time":' + time_column.encode(point.time_ns) + ',"data":' + _encode_string(data) + "}\n"
     )
 
 
+# A row is the JSON of ``data`` inside the JSON of the row: the text of one row is a
+# %-template per (tags, field keys, field types), where only the time and the field
+# values vary. Template, the argument positions of the strings, those of the booleans.
+_Template = tuple[str, tuple[int, ...], tuple[int, ...]]
+_templates: dict[tuple[object, ...], _Template | None] = {}
+# A string that needs more than itself inside the doubled JSON: quote, backslash, control.
+_UNSAFE: Final = re.compile(r'["\\\x00-\x1f]').search
+# A float with no JSON (NaN, infinities) as a template formats it: ``\"key\":nan``.
+_NON_FINITE: Final = re.compile(r'\\":-?(?:nan|inf)').search
+
+
+def _inside(text: str) -> str:
+    """``text`` escaped as the inside of a JSON string literal."""
+    return _encode_string(text)[1:-1]
+
+
+def _template(key: tuple[object, ...], point: Point) -> _Template | None:
+    """The row template of ``point``'s kind, remembered under ``key``; None: no template
+    fits (a field named like a tag, a type other than str, int, float, bool)."""
+    if len(_templates) >= _CACHE_LIMIT:
+        _templates.clear()
+    tags, fields = point.tags, point.fields
+    found: _Template | None = None
+    if fields.keys().isdisjoint(tags):
+        # Literal text with its % doubled, %s where a value goes; escaping keeps both.
+        members = [_dumps({k: _tag_json(v) for k, v in tags.items()})[1:-1]] if tags else []
+        members = [text.replace("%", "%%") for text in members]
+        strings: list[int] = []
+        bools: list[int] = []
+        for position, (name, value) in enumerate(fields.items(), start=1):
+            cls = type(value)
+            if cls is str:
+                strings.append(position)
+                members.append(_encode_string(name).replace("%", "%%") + ':"%s"')
+            elif cls is bool or cls is int or cls is float:
+                if cls is bool:
+                    bools.append(position)
+                members.append(_encode_string(name).replace("%", "%%") + ":%s")
+            else:
+                break
+        else:
+            inner = _inside("{" + ",".join(members) + "}")
+            found = '{"time":%s,"data":"' + inner + '"}\n', tuple(strings), tuple(bools)
+    _templates[key] = found
+    return found
+
+
+_NO_TEMPLATE: Final[_Template] = ("", (), ())
+
+
+def _rows_text(points: Sequence[Point], time_column: _TimeColumn) -> str:
+    """The rows of ``points`` as text, each from its kind's template (4-5x faster than
+    building the data object): the same text as :func:`_row`."""
+    rows: list[str] = []
+    append = rows.append
+    get = _templates.get
+    unsafe = _UNSAFE
+    encode_time = time_column.encode if time_column.scale is not None else None
+    for point in points:
+        _, time_ns, tags, fields = point
+        values = tuple(fields.values())
+        key = (tuple(tags.items()), tuple(fields), tuple(map(type, values)))
+        entry = get(key, _NO_TEMPLATE)
+        if entry is _NO_TEMPLATE:
+            entry = _template(key, point)
+        if entry is None:
+            append(_row(point, time_column))
+            continue
+        template, strings, bools = entry
+        args = [time_ns if encode_time is None else encode_time(time_ns), *values]
+        for position in strings:
+            if unsafe(args[position]) is not None:
+                args[position] = _inside(_inside(args[position]))
+        for position in bools:
+            args[position] = "true" if args[position] else "false"
+        append(template % tuple(args))
+    text = "".join(rows)
+    if _NON_FINITE(text) is not None:  # a NaN or infinity to leave out (or a look-alike)
+        return "".join([_row(point, time_column) for point in points])
+    return text
+
+
 def encode_rows(points: Sequence[Point], time_column: _TimeColumn = _NANOSECONDS) -> bytes:
     """JSONEachRow rows of ``points`` (UTF-8). A string holding a lone surrogate (not
     encodable as UTF-8) is written with ``\\u`` escapes in ``data`` instead."""
-    rows = [_row(point, time_column) for point in points]
-    text = "".join(rows)
     try:
-        return text.encode("utf-8")
+        return _rows_text(points, time_column).encode("utf-8")
     except UnicodeEncodeError:
         parts = []
-        for point, row in zip(points, rows, strict=True):
+        for point in points:
+            row = _row(point, time_column)
             try:
                 parts.append(row.encode("utf-8"))
             except UnicodeEncodeError:
@@ -394,6 +480,7 @@ class ClickHouseSink(HTTPSink):
     :param password: that user's password, sent in ``X-ClickHouse-Key`` (a secret: never shown)
     :param create_tables: create the database and the series' tables when missing
     :param gzip: send bodies gzip-compressed
+    :param compression_level: gzip level, 1 (fastest, the default) to 9 (smallest bodies)
     :param timeout: seconds for one HTTP request, connect to answer
     :param verify_ssl: verify the server's certificate and host name
     :param ca_file: a PEM file of CAs trusted besides the system's
@@ -412,6 +499,7 @@ class ClickHouseSink(HTTPSink):
         *,
         create_tables: bool = True,
         gzip: bool = True,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         timeout: float = 10.0,
         verify_ssl: bool = True,
         ca_file: str | None = None,
@@ -446,11 +534,15 @@ class ClickHouseSink(HTTPSink):
         self.username = username
         self.create_tables = create_tables
         self.gzip = gzip
+        self.compression_level = check_compression_level(compression_level)
         self.timeout = float(timeout)
         self.verify_ssl = verify_ssl
         self.ca_file = ca_file
         self._password = Secret(password or "")
         self._base = URL(self.url)
+        # Rows are streamed (chunked transfer) until a server or proxy answers
+        # 411 Length Required; from then on bodies are encoded whole first.
+        self.stream = True
         self._configure(
             write_url=self._base,
             what=f"clickhouse write to {self.url} db={database}",
@@ -554,7 +646,7 @@ class ClickHouseSink(HTTPSink):
         column = self._time_columns.get(batch[0].series, _NANOSECONDS) if batch else _NANOSECONDS
         return await _encode_rows_async(batch, column)
 
-    async def send(self, body: bytes, table: str = "request") -> None:
+    async def send(self, body: bytes | StreamedBody, table: str = "request") -> None:
         """INSERT an encoded (and, with ``gzip``, compressed) body into ``table``."""
         statement = (
             f"INSERT INTO {quote_identifier(self.database)}.{quote_identifier(table)}"
@@ -571,9 +663,8 @@ class ClickHouseSink(HTTPSink):
 
     async def _insert(self, table: str, points: list[Point]) -> None:
         time_column = await self._time_column(table)
-        body = await self._body(points)
         try:
-            await self.send(body, table)
+            await self._send_rows(table, points, time_column)
         except SinkError as exc:
             if not self.create_tables or _code_of(exc) not in (UNKNOWN_TABLE, UNKNOWN_DATABASE):
                 raise
@@ -586,13 +677,32 @@ class ClickHouseSink(HTTPSink):
                 raise (create_error if create_error.retryable else exc) from None
             if self._create_refused:
                 raise
-            if again != time_column:
-                body = await self._body(points)
-            await self.send(body, table)
+            await self._send_rows(table, points, again)
 
-    async def _body(self, points: list[Point]) -> bytes:
-        body = await self.encode(points)
-        return await compress(body) if self.gzip else body
+    async def _send_rows(self, table: str, points: list[Point], time_column: _TimeColumn) -> None:
+        """INSERT ``points`` into ``table``: streamed, or encoded whole when the server
+        (or a proxy before it) refuses a body without a length."""
+        if self.stream:
+            level = self.compression_level if self.gzip else None
+            encode = functools.partial(encode_rows, time_column=time_column)
+            body = StreamedBody(points, encode, level)
+            try:
+                await self.send(body, table)
+                return
+            except SinkError as exc:
+                if exc.status != 411:
+                    raise
+                self.stream = False
+                logger.warning(
+                    "clickhouse_chunked_body_refused",
+                    sink=self.name,
+                    url=self.url,
+                    detail="411 Length Required: bodies are encoded whole from now on",
+                )
+        whole = await _encode_rows_async(points, time_column)
+        if self.gzip:
+            whole = await compress(whole, self.compression_level)
+        await self.send(whole, table)
 
     def _headers(self) -> dict[str, str]:
         headers = {}
@@ -605,7 +715,7 @@ class ClickHouseSink(HTTPSink):
     async def _request(
         self,
         url: URL,
-        body: bytes,
+        body: bytes | StreamedBody,
         *,
         what: str,
         gzipped: bool = False,
@@ -619,16 +729,15 @@ class ClickHouseSink(HTTPSink):
             headers["Content-Encoding"] = "gzip"
         try:
             session = self._http.open()
-            # A BytesIO body goes out in chunks with yields to the loop.
             async with session.post(
-                url, data=io.BytesIO(body), headers=headers, allow_redirects=False
+                url, data=request_data(body), headers=headers, allow_redirects=False
             ) as resp:
                 if 200 <= resp.status < 300:
                     return await resp.read() if read else b""
                 status, answer_headers = resp.status, resp.headers
                 raw = await read_error_body(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise classify_exception(exc, what=what, secrets=self._secrets) from None
+            raise transport_error(exc, body, what=what, secrets=self._secrets) from None
         text = raw[:_ERROR_TEXT].decode("utf-8", errors="replace")
         raise classify_clickhouse_response(
             status, text, answer_headers, what=what, secrets=self._secrets

@@ -38,7 +38,9 @@ from lunamon._log import logger
 from lunamon._secrets import Secret
 from lunamon.errors import SinkError
 from lunamon.sinks._http import (
+    DEFAULT_COMPRESSION_LEVEL,
     HTTPSink,
+    check_compression_level,
     classify_exception,
     classify_response,
     error_text,
@@ -75,6 +77,7 @@ class InfluxDBSink(HTTPSink):
     :param ca_file: a PEM file of CAs trusted besides the system's
     :param retention_policy: the retention policy written to (``rp=``)
     :param gzip: send bodies gzip-compressed
+    :param compression_level: gzip level, 1 (fastest, the default) to 9 (smallest bodies)
     :param name: the sink's name in ``stats()`` and logs
     :param allow_plain_credentials: allow credentials over plain HTTP to another host
     :param client: an ``aioinflux.InfluxDBClient`` to carry the bodies (code only)
@@ -95,6 +98,7 @@ class InfluxDBSink(HTTPSink):
         ca_file: str | None = None,
         retention_policy: str | None = None,
         gzip: bool = False,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         name: str | None = None,
         allow_plain_credentials: bool = False,
         client: Any = None,
@@ -126,6 +130,7 @@ class InfluxDBSink(HTTPSink):
         self.create_database = create_database
         self.retention_policy = retention_policy
         self.gzip = gzip
+        self.compression_level = check_compression_level(compression_level)
         self.client = client
         self._password = Secret(password or "")
         authorization: Secret | None = None

@@ -13,7 +13,12 @@ from yarl import URL
 
 from lunamon._secrets import Secret
 from lunamon.point import Point
-from lunamon.sinks._http import HTTPSink, refuse_plain_credentials
+from lunamon.sinks._http import (
+    DEFAULT_COMPRESSION_LEVEL,
+    HTTPSink,
+    check_compression_level,
+    refuse_plain_credentials,
+)
 
 __all__ = ["InfluxDBV2Sink"]
 
@@ -35,6 +40,7 @@ class InfluxDBV2Sink(HTTPSink):
     :param token: the API token (a secret: never shown); empty sends none
     :param precision: timestamp unit on the wire: ``ns``, ``us``, ``ms`` or ``s``
     :param gzip: send bodies gzip-compressed
+    :param compression_level: gzip level, 1 (fastest, the default) to 9 (smallest bodies)
     :param timeout: seconds for one HTTP request, connect to answer
     :param verify_ssl: verify the server's certificate and host name
     :param ca_file: a PEM file of CAs trusted besides the system's
@@ -51,6 +57,7 @@ class InfluxDBV2Sink(HTTPSink):
         *,
         precision: str = "ns",
         gzip: bool = False,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         timeout: float = 10.0,
         verify_ssl: bool = True,
         ca_file: str | None = None,
@@ -74,6 +81,7 @@ class InfluxDBV2Sink(HTTPSink):
         self.bucket = bucket
         self.precision = precision
         self.gzip = gzip
+        self.compression_level = check_compression_level(compression_level)
         self.timeout = float(timeout)
         self.verify_ssl = verify_ssl
         self.ca_file = ca_file
