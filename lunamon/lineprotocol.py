@@ -17,12 +17,13 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
-from typing import IO, Final
+from typing import Final, Protocol
 
 from lunamon.errors import LineProtocolError
 from lunamon.point import FieldValue, Point, TagSet
 
 __all__ = [
+    "BinaryReadable",
     "FastLine",
     "Head",
     "LineProtocolError",
@@ -290,8 +291,11 @@ Record = FastLine | Point
 _BLOCK: Final = 1 << 20  # bytes read at a time
 _HEADS_LIMIT: Final = 65_536  # distinct heads remembered (the cache is cleared beyond)
 _SHAPES_PER_HEAD: Final = 16  # layouts learnt per head; beyond, lines take the exact path
-# A bare value: float() decides (ints, booleans, nan and inf go to the exact parser).
-_BARE: Final = r'([^,"\s\\]+)'
+_MAX_FIELDS: Final = 256  # a layout of more fields is not worth its regex
+# A bare value of a float's ASCII characters: float() decides (integers, booleans, nan,
+# inf, "1_000" go to the exact parser), so a line of the fast path is one InfluxDB reads
+# as lunamon does, and ``lunamon send`` forwards it as it is.
+_BARE: Final = r"(-?[0-9.][0-9.eE+-]*)"
 _STRING: Final = r'"([^"\\\n]*)"'
 _KEY: Final = r'[^,="\s\\]+'
 _PAIRS: Final = re.compile(rf'({_KEY})=("[^"\\\n]*"|[^,"\s\\]+)(?:,|(?= -?\d+$))')
@@ -322,7 +326,12 @@ class _Caches:
         kinds = tuple(value[:1] == '"' for _, value in pairs)
         # Duplicate keys (the exact parser keeps the last one) or a bare value that is
         # no float (an integer, a boolean): the exact parser's.
-        if not keys or len(set(keys)) != len(keys) or not all(map(_is_float, pairs)):
+        if (
+            not keys
+            or len(keys) > _MAX_FIELDS
+            or len(set(keys)) != len(keys)
+            or not all(map(_is_float, pairs))
+        ):
             head.misses += 1
             return None
         shape = self.shapes.get((keys, kinds))
@@ -431,6 +440,12 @@ def _records(batches: Iterable[list[str]], start: int, caches: _Caches) -> Itera
         yield from _parse_chunk("".join(pending), pending_no)
 
 
+class BinaryReadable(Protocol):
+    """What :class:`LineReader` reads from: a file opened in binary mode, or alike."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+
 class LineReader:
     """Records (:data:`Record`) of a binary line-protocol stream, read in blocks.
 
@@ -439,7 +454,9 @@ class LineReader:
     :class:`NotTextError`, a malformed line :class:`LineProtocolError` with its number.
     """
 
-    def __init__(self, stream: IO[bytes], *, on_read: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, stream: BinaryReadable, *, on_read: Callable[[int], None] | None = None
+    ) -> None:
         self.stream = stream
         self.on_read = on_read
         self.lines = 0

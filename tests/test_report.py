@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
+import random
 import re
 import shutil
 import statistics
@@ -12,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -20,7 +23,7 @@ import pytest
 from servers import FakeInfluxServer, FakeResponse, InfluxServer, free_port
 
 from lunamon.cli import main
-from lunamon.cli.report import build_report, percentile
+from lunamon.cli.report import ReportInputError, build_report, percentile, report_file
 from lunamon.point import Point, encode_lines
 
 ROUTES = {
@@ -432,3 +435,125 @@ def test_build_report_rejects_nothing_to_report() -> None:
 
     with pytest.raises(ReportInputError, match="no 'request' points"):
         build_report([], source="nothing")
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _by_old_rules(points: list[Point], source: str, service: str | None = None) -> dict:  # type: ignore[type-arg]
+    """The report of every point at once through ``add`` (the path of InfluxDB and
+    ClickHouse sources), as plain data."""
+    return build_report(points, source=source, service=service).to_dict()
+
+
+@pytest.mark.parametrize("service", [None, "luna-handlers"])
+def test_file_report_equals_the_report_of_the_points(known_file: Path, service: str | None) -> None:
+    """The fast path of the file adds up to exactly what ``add`` makes of the same points."""
+    from lunamon.lineprotocol import parse_line_protocol
+
+    points = parse_line_protocol(known_file.read_text())
+    streamed = report_file(known_file, service=service).to_dict()
+    assert streamed == _by_old_rules(points, str(known_file), service)
+
+
+def test_many_requests_exact_percentiles_and_counts(tmp_path: Path) -> None:
+    """10,001 distinct times in a shuffled order: the percentiles are the exact ones, not a
+    bucket's; every line is counted once; the timeline holds every request."""
+    rng = random.Random(7)
+    times = [round(0.001 + k * 0.0000137, 9) for k in range(10_001)]
+    rng.shuffle(times)
+    points = []
+    for k, execution in enumerate(times):
+        tags = {"service": "s", "route": "GET:/a", "status_code": "200"}
+        fields: dict[str, object] = {"request_id": f"id-{k}", "execution_time": execution}
+        if k % 3:
+            fields["step_time"] = execution / 2
+        points.append(Point("request", 10**18 + k, tags, fields))
+        if k % 10 == 0:
+            points.append(Point("error", 10**18 + k, {**tags, "error_code": "5"}, {"n": 1.0}))
+    path = tmp_path / "many.lp"
+    path.write_bytes(encode_lines(points))
+    report = report_file(path)
+    (route,) = report.routes
+    cuts = statistics.quantiles(times, n=100, method="inclusive")
+    assert (route.p25, route.p50, route.p75, route.p95, route.p99) == (
+        cuts[24],
+        cuts[49],
+        cuts[74],
+        cuts[94],
+        cuts[98],
+    )
+    assert (route.minimum, route.maximum) == (min(times), max(times))
+    assert route.requests == report.requests == 10_001
+    assert route.errors == report.errors == 1_001
+    (step,) = route.steps
+    assert step.requests == sum(1 for k in range(10_001) if k % 3)
+    assert sorted(report.request_times) == [10**18 + k for k in range(10_001)]
+    assert {label: len(t) for label, t in report.error_events.items()} == {"5 (200)": 1_001}
+
+
+def test_a_negative_time_on_the_fast_path_names_its_line(tmp_path: Path) -> None:
+    bad = (
+        'request,service=luna-handlers,route=POST:/detector,status_code=201 request_id="neg-1",'
+        "execution_time=0.002,save_warps_time=-0.001 1700000000999000000\n"
+    )
+    path = tmp_path / "neg.lp"
+    path.write_text(GOOD + bad + GOOD)
+    with pytest.raises(ReportInputError) as caught:
+        report_file(path)
+    assert "field save_warps_time=-0.001 is negative" in str(caught.value)
+    assert 'request_id="neg-1"' in str(caught.value)
+
+
+def test_bad_tags_on_the_fast_path_name_the_first_such_line(tmp_path: Path) -> None:
+    bad = (
+        'request,service=luna-handlers,route=POST:/x,status_code=2xx request_id="first",'
+        "execution_time=0.002 1700000000999000000\n"
+    )
+    path = tmp_path / "tags.lp"
+    path.write_text(GOOD + bad + bad.replace("first", "second"))
+    with pytest.raises(ReportInputError) as caught:
+        report_file(path)
+    assert "tag status_code='2xx' is not an integer" in str(caught.value)
+    assert 'request_id="first"' in str(caught.value)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_goes_to_a_terminal_stderr_never_to_stdout(
+    known_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(known_file)]) == 0
+    plain = capsys.readouterr().out
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["report", str(known_file)]) == 0
+    assert capsys.readouterr().out == plain  # the same report, nothing of the bar
+    assert "reading" in terminal.getvalue()  # the bar was drawn, on stderr
+    terminal.truncate(0)
+    assert main(["report", str(known_file), "--no-progress"]) == 0
+    assert terminal.getvalue() == ""
+
+
+def test_a_big_report_is_summed_up_in_bounded_memory() -> None:
+    """200,000 request lines through the reader and the builder: the builder keeps 16 bytes
+    a request (execution time and timestamp), nothing of the points."""
+    from test_lineprotocol import Generated
+
+    from lunamon.cli.report import ReportBuilder
+    from lunamon.lineprotocol import LineReader
+
+    builder = ReportBuilder(source="generated")
+    tracemalloc.start()
+    try:
+        builder.add_records(LineReader(Generated(200_000)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    report = builder.build()
+    assert report.requests == 200_000
+    assert sum(r.requests for r in report.routes) == 200_000
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MB"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from servers import FakeInfluxServer, FakeResponse, InfluxServer, free_port
 
 from lunamon.cli import main
 from lunamon.cli.influxql import parse_influx_url
-from lunamon.cli.send import send_points
+from lunamon.cli.send import deliver, send_points
 from lunamon.lineprotocol import parse_line_protocol
 from lunamon.point import Point, encode_lines
 
@@ -132,3 +134,105 @@ def test_credentials_over_plain_http_to_a_remote_host_are_refused(
     err = capsys.readouterr().err
     assert "over plain HTTP; use https://" in err
     assert "s3cret" not in err
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class RecordingSink:
+    """Keeps every batch, and how far the reader had gone when it was written."""
+
+    name = "recording"
+
+    def __init__(self, produced: list[int]) -> None:
+        self.produced = produced
+        self.batches: list[list[Point]] = []
+        self.ahead: list[int] = []  # points read but not yet written, at each write
+
+    async def start(self) -> None:
+        pass
+
+    async def write(self, points: Sequence[Point]) -> None:
+        written = sum(len(b) for b in self.batches)
+        self.ahead.append(self.produced[0] - written)
+        self.batches.append(list(points))
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_deliver_batches_while_reading() -> None:
+    """10,007 points, batches of 1,000: every point once and in order, the last short batch
+    too; the reader is held back to a window of batches instead of running ahead."""
+    points = make_points(10_007)
+    produced = [0]
+
+    def lazily() -> Iterator[Point]:
+        for point in points:
+            produced[0] += 1
+            yield point
+
+    sink = RecordingSink(produced)
+    progress: list[int] = []
+    stats = await deliver(lazily(), sink, batch_size=1000, window=3, on_progress=progress.append)
+    assert [len(b) for b in sink.batches] == [1000] * 10 + [7]
+    assert [p for b in sink.batches for p in b] == points
+    assert max(sink.ahead) <= 3 * 1000 + 1000
+    assert stats["recording"]["emitted"] == stats["recording"]["written"] == 10_007
+    assert stats["recording"]["dropped"]["overflow"] == 0
+    assert progress[-1] == 10_007
+    assert progress == sorted(progress)
+
+
+def influx_answers(fake: FakeInfluxServer) -> None:
+    fake.program(FakeResponse(204), FakeResponse(200, '{"results":[{"statement_id":0}]}'))
+
+
+def written_lines(fake: FakeInfluxServer) -> list[str]:
+    return [
+        line
+        for r in fake.requests
+        if r.path == "/write"
+        for line in r.body.decode().split("\n")
+        if line
+    ]
+
+
+async def test_send_forwards_lines_as_read_and_encodes_the_others(
+    fake_influx: FakeInfluxServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lines of the fast path go out byte for byte (a CR of CRLF dropped), the rest as
+    lunamon encodes the exact parser's point; 11 lines in batches of 5 lose none."""
+    shaped = encode_lines(make_points(8)).decode().splitlines()
+    odd = ["ints,t=1 n=3i,ok=t 1700000000000000009", "esc\\ aped f=1.50 1700000000000000010"]
+    text = "\r\n".join(shaped[:4]) + "\r\n# comment\n" + "\n".join([*shaped[4:], *odd]) + "\n"
+    path = tmp_path / "mixed.lp"
+    path.write_text(text, newline="")
+    influx_answers(fake_influx)
+    argv = ["send", str(path), "--influx", f"{fake_influx.url}/db", "--batch-size", "5"]
+    assert await asyncio.to_thread(main, [*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "10 points from" in out
+    assert "influxdb: 10 = 10 + 0 + 0  ok" in out
+    expected = [*shaped, *(p.to_line_protocol() for p in parse_line_protocol("\n".join(odd)))]
+    assert written_lines(fake_influx) == expected
+    writes = [r for r in fake_influx.requests if r.path == "/write"]
+    assert [r.body.count(b"\n") for r in writes] == [5, 5]
+
+
+async def test_send_stops_at_a_bad_line_after_writing_those_before(
+    fake_influx: FakeInfluxServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = encode_lines(make_points(30)).decode().splitlines()
+    lines[12] = "request,route=x status_code="  # line 13
+    path = tmp_path / "bad-later.lp"
+    path.write_text("\n".join(lines) + "\n")
+    influx_answers(fake_influx)
+    argv = ["send", str(path), "--influx", f"{fake_influx.url}/db", "--batch-size", "5"]
+    assert await asyncio.to_thread(main, [*argv, "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith(f"lunamon send: error: {path}: line 13: ")
+    assert "the 12 points before it were written" in captured.err
+    assert "influxdb: 12 = 12 + 0 + 0  ok" in captured.out
+    assert written_lines(fake_influx) == lines[:12]

@@ -498,46 +498,73 @@ def _report(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     _require("rich", "lunamon send")
-    from lunamon.cli.report import ReportInputError, load_file
+    import itertools
+    import time
 
-    options: dict[str, Any] = {"batch_size": args.batch_size, "max_retries": args.max_retries}
-    send: Callable[[Sequence[Point], Callable[[int], None]], Coroutine[Any, Any, Any]]
+    from lunamon.cli.report import ReportInputError, file_records
+    from lunamon.cli.send import deliver, forwarded
+    from lunamon.lineprotocol import to_point
+
+    sink: Sink
     if args.clickhouse is not None:
         from lunamon.cli import clickhouse
 
         house = _clickhouse_target(args.clickhouse, args.database)
         kind, shown = "ClickHouse", str(house)
-
-        def send(points: Sequence[Point], progress: Callable[[int], None]) -> Any:
-            return clickhouse.send_points(points, house, on_progress=progress, **options)
+        reach: Callable[[], Coroutine[Any, Any, None]] = lambda: clickhouse.ping(house)  # noqa: E731
+        sink = house.sink()
     else:
-        from lunamon.cli.send import send_points
+        from lunamon.cli.influxql import ping
 
         influx = _influx_target(args.influx, args.database)
         kind, shown = "InfluxDB", str(influx)
+        reach = lambda: ping(influx)  # noqa: E731
+        sink = influx.sink()
 
-        def send(points: Sequence[Point], progress: Callable[[int], None]) -> Any:
-            return send_points(points, influx, on_progress=progress, **options)
-
-    try:
-        points = load_file(args.file)
-    except ReportInputError as exc:
-        raise CommandError(str(exc)) from None
     console = _console()
-    _say(console, f"lunamon send: {len(points):,} points from {args.file} -> {kind} {shown}")
-    with _Bar(len(points), "points", not args.no_progress) as bar:
+    stopped: list[ReportInputError] = []
+    read = 0
+
+    def points(records: Iterator[Any]) -> Iterator[Point]:
+        """The points of the file until its first bad line, which stops the reading (the
+        points before it are delivered, then the error is told)."""
+        nonlocal read
+        items = forwarded(records) if args.clickhouse is None else map(to_point, records)
+        try:
+            for point in items:
+                read += 1
+                yield point
+        except ReportInputError as exc:
+            stopped.append(exc)
+
+    with _Bar(_file_size(args.file), "sending", not args.no_progress, unit="bytes") as bar:
+        stream = points(file_records(args.file, on_read=bar.advance))
+        # The first batch is read before the server is contacted: a file that is not
+        # line protocol at all is told as such, whatever the server.
+        first = list(itertools.islice(stream, args.batch_size))
+        if stopped and not first:
+            raise CommandError(str(stopped[0]))
+        _say(console, f"lunamon send: {args.file} -> {kind} {shown}")
         bar.start()
-        done = 0
+        started = time.monotonic()
 
-        def on_progress(count: int) -> None:
-            nonlocal done
-            bar.advance(count - done)
-            done = count
+        async def send() -> dict[str, SinkStats]:
+            await reach()
+            return await deliver(
+                itertools.chain(first, stream),
+                sink,
+                batch_size=args.batch_size,
+                max_retries=args.max_retries,
+            )
 
-        stats: dict[str, SinkStats] = _run(send(points, on_progress))
+        stats = _run(send())
+    took = time.monotonic() - started
+    _say(console, f"{read:,} points from {args.file} in {took:.1f} s ({read / took:,.0f}/s)")
     for line in _stats_lines(stats):
         _say(console, line)
     _check_delivered(stats, shown)
+    if stopped:
+        raise CommandError(f"{stopped[0]}; the {read:,} points before it were written")
     return 0
 
 
