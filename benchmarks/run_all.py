@@ -31,6 +31,7 @@ SCRIPTS: Final = (
     "bench_write",
     "bench_clickhouse",
     "bench_memory",
+    "bench_report",
 )
 TIMEOUT: Final = 420.0  # seconds per script: every loop in them is bounded well below
 PACKAGES: Final = (
