@@ -254,10 +254,10 @@ class StreamedBody:
                 data = b"".join(parts)
                 if start < end:
                     data, held = data[:-_HELD_BACK], data[-_HELD_BACK:]
-                if compressor is not None:
+                if compressor is not None:  # flushed: the server can inflate what it has
+                    last = start >= end
                     data = compressor.compress(data)
-                    if start >= end:
-                        data += compressor.flush()
+                    data += compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
                 if data:
                     yield data
                 if start < end:
