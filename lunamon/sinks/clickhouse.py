@@ -23,26 +23,35 @@ and ``,``) with non-ASCII characters as UTF-8, so 18.16's
 ``visitParamExtractString(data, 'route')`` / ``visitParamExtractInt`` /
 ``visitParamExtractFloat`` read it.
 
-**Schema** (created when ``create_tables``, with ``IF NOT EXISTS``; the server's
-``SELECT version()`` decides which)::
+**Schema** (created when ``create_tables``, with ``IF NOT EXISTS``), chosen for the
+server the tests run, Debian bookworm's 18.16.1, and the same on every version::
 
-    -- any server (Debian bookworm's 18.16.1 has no DateTime64 and no JSON type)
     CREATE TABLE db.request (time Int64, data String) ENGINE = MergeTree()
       PARTITION BY toYYYYMM(toDateTime(intDiv(time, 1000000000))) ORDER BY time
-    -- 20.5 and later (DateTime64 since 20.1, toUnixTimestamp64Nano since 20.5)
-    CREATE TABLE db.request (time DateTime64(9, 'UTC'), data String) ENGINE = MergeTree()
-      PARTITION BY toYYYYMM(time) ORDER BY time
 
-``time`` is ``Int64`` rather than ``UInt64`` because a point's time is an int64.
-``data`` stays ``String`` on every server: the ``JSON`` type (generally available
-only since 25.3, experimental ``Object('json')`` before) infers a type per path and
-row, so a float field whose value happens to be whole could come back as an
-integer, the type drift DESIGN.md §1 forbids; a ``String`` keeps the exact text.
-The DateTime64 path is not exercised by the tests here (their server is 18.16).
+``time`` is ``Int64`` nanoseconds (a point's time is an int64; 18.16 has no
+DateTime64), exact on any server; ``toDateTime(intDiv(time, 1000000000))`` reads it
+as a date. A newer server would allow ``time DateTime64(9, 'UTC')`` (since 20.1;
+``toUnixTimestamp64Nano`` since 20.5) with ``PARTITION BY toYYYYMM(time)``: the
+sink does not create it, because no server here can test it, but writes into such
+a table when one exists (below). ``data`` stays ``String`` on every server: the
+``JSON`` type (generally available only since 25.3, experimental ``Object('json')``
+before) infers a type per path and row, so a float field whose value happens to be
+whole could come back as an integer, the type drift DESIGN.md §1 forbids; a
+``String`` keeps the exact text.
 Tables that already exist are used as they are: the type of their ``time`` column
 (read from ``system.columns``) decides how the time is sent: integer columns get
-the nanoseconds, ``DateTime64(p)`` and ``DateTime`` columns the Unix time as
-``"seconds.fraction"`` text, which they parse whatever their time zone.
+the nanoseconds, ``DateTime`` columns (tested on 18.16) and ``DateTime64(p)``
+columns (the same text with ``p`` digits of fraction, a format ClickHouse documents
+for them, tested here without a server) the Unix time as ``"seconds.fraction"``
+text, which they parse whatever their time zone.
+
+**Streaming.** An INSERT's body is encoded while it is sent (chunked transfer, gzip
+flushed per chunk): the server parses the first rows while the next are encoded.
+Every chunk but the last ends inside a row, because 18.16 stores a body cut off at
+a row boundary as if it were complete; a cut body is a parse error instead, and
+nothing of it is stored. A server or proxy that answers ``411 Length Required``
+gets whole bodies from then on.
 
 **Delivery.** A batch holds both series: each table gets one
 ``INSERT INTO db.table FORMAT JSONEachRow`` (gzip-compressed by default). When a
@@ -158,12 +167,9 @@ UNKNOWN_TABLE: Final = 60
 UNKNOWN_DATABASE: Final = 81
 
 _CODE: Final = re.compile(r"\bCode: ([0-9]{1,6})\b")
-_VERSION: Final = re.compile(r"([0-9]+)\.([0-9]+)")
 _DATETIME64: Final = re.compile(r"(?:Nullable\()?DateTime64\(\s*([0-9])")
 _DATETIME: Final = re.compile(r"(?:Nullable\()?DateTime(?:\(|$)")
 _INTEGER_TAG: Final = re.compile(r"0|-?[1-9][0-9]{0,18}")
-# DateTime64(9, 'UTC') from this version on (toUnixTimestamp64Nano, for readers, since 20.5).
-DATETIME64_SINCE: Final = (20, 5)
 LUNA_SERIES: Final = ("request", "error")
 _CHUNK: Final = 100  # points encoded between two yields to the event loop
 _ERROR_TEXT: Final = 2048
@@ -444,20 +450,11 @@ async def _encode_rows_async(points: Sequence[Point], time_column: _TimeColumn) 
     return b"".join(parts)
 
 
-def _server_version(text: str) -> tuple[int, int]:
-    match = _VERSION.match(text.strip())
-    return (int(match[1]), int(match[2])) if match else (0, 0)
-
-
-def _create_table_sql(database: str, table: str, version: tuple[int, int]) -> str:
-    if version >= DATETIME64_SINCE:
-        columns, partition = "time DateTime64(9, 'UTC'), data String", "toYYYYMM(time)"
-    else:
-        columns = "time Int64, data String"
-        partition = "toYYYYMM(toDateTime(intDiv(time, 1000000000)))"
+def _create_table_sql(database: str, table: str) -> str:
     return (
         f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{quote_identifier(table)}"
-        f" ({columns}) ENGINE = MergeTree() PARTITION BY {partition} ORDER BY time"
+        " (time Int64, data String) ENGINE = MergeTree()"
+        " PARTITION BY toYYYYMM(toDateTime(intDiv(time, 1000000000))) ORDER BY time"
     )
 
 
@@ -555,7 +552,6 @@ class ClickHouseSink(HTTPSink):
             plain_credentials=plain,
         )
         self._time_columns: dict[str, _TimeColumn] = {}
-        self._version: tuple[int, int] | None = None
         self._create_refused = False
         self._schema_lock = asyncio.Lock()
         self._log = RateLimitedLogger()
@@ -776,13 +772,10 @@ class ClickHouseSink(HTTPSink):
     async def _create(self, table: str) -> None:
         what = f"clickhouse create table {self.database}.{table} at {self.url}"
         try:
-            if self._version is None:
-                answer = await self._query("SELECT version()", what)
-                self._version = _server_version(answer)
             await self._query(
                 f"CREATE DATABASE IF NOT EXISTS {quote_identifier(self.database)}", what
             )
-            await self._query(_create_table_sql(self.database, table, self._version), what)
+            await self._query(_create_table_sql(self.database, table), what)
         except SinkError as exc:
             if exc.retryable:
                 raise
