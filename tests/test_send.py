@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -144,8 +145,9 @@ class RecordingSink:
 
     name = "recording"
 
-    def __init__(self, produced: list[int]) -> None:
+    def __init__(self, produced: list[int], written: list[int]) -> None:
         self.produced = produced
+        self.written = written  # by every sink of the delivery
         self.batches: list[list[Point]] = []
         self.ahead: list[int] = []  # points read but not yet written, at each write
 
@@ -153,17 +155,19 @@ class RecordingSink:
         pass
 
     async def write(self, points: Sequence[Point]) -> None:
-        written = sum(len(b) for b in self.batches)
-        self.ahead.append(self.produced[0] - written)
+        self.ahead.append(self.produced[0] - self.written[0])
+        self.written[0] += len(points)
         self.batches.append(list(points))
 
     async def close(self) -> None:
         pass
 
 
-async def test_deliver_batches_while_reading() -> None:
+@pytest.mark.parametrize("connections", [1, 2])
+async def test_deliver_batches_while_reading(connections: int) -> None:
     """10,007 points, batches of 1,000: every point once and in order, the last short batch
-    too; the reader is held back to a window of batches instead of running ahead."""
+    too; the reader is held back to a window of batches instead of running ahead. Two
+    connections get the batches in turn, their stats added up."""
     points = make_points(10_007)
     produced = [0]
 
@@ -172,20 +176,27 @@ async def test_deliver_batches_while_reading() -> None:
             produced[0] += 1
             yield point
 
-    sink = RecordingSink(produced)
+    written = [0]
+    sinks = [RecordingSink(produced, written) for _ in range(connections)]
     progress: list[int] = []
-    stats = await deliver(lazily(), sink, batch_size=1000, window=3, on_progress=progress.append)
-    assert [len(b) for b in sink.batches] == [1000] * 10 + [7]
-    assert [p for b in sink.batches for p in b] == points
-    assert max(sink.ahead) <= 3 * 1000 + 1000
-    assert stats["recording"]["emitted"] == stats["recording"]["written"] == 10_007
-    assert stats["recording"]["dropped"]["overflow"] == 0
+    stats = await deliver(lazily(), sinks, batch_size=1000, window=3, on_progress=progress.append)
+    batches = [b for pair in itertools.zip_longest(*(s.batches for s in sinks)) for b in pair if b]
+    assert [len(b) for b in batches] == [1000] * 10 + [7]
+    assert [p for b in batches for p in b] == points
+    assert [len(s.batches) for s in sinks] == ([11] if connections == 1 else [6, 5])
+    ahead = max(a for s in sinks for a in s.ahead)
+    assert ahead <= connections * 3 * 1000 + 1000
+    (total,) = stats.values()
+    assert total["emitted"] == total["written"] == 10_007
+    assert sum(total["dropped"].values()) == total["buffered"] == 0
     assert progress[-1] == 10_007
     assert progress == sorted(progress)
 
 
 def influx_answers(fake: FakeInfluxServer) -> None:
-    fake.program(FakeResponse(204), FakeResponse(200, '{"results":[{"statement_id":0}]}'))
+    """The ping, then CREATE DATABASE of each of send's two connections."""
+    created = FakeResponse(200, '{"results":[{"statement_id":0}]}')
+    fake.program(FakeResponse(204), created, created)
 
 
 def written_lines(fake: FakeInfluxServer) -> list[str]:

@@ -505,21 +505,21 @@ def _send(args: argparse.Namespace) -> int:
     from lunamon.cli.send import deliver, forwarded
     from lunamon.lineprotocol import to_point
 
-    sink: Sink
+    sinks: list[Sink]
     if args.clickhouse is not None:
         from lunamon.cli import clickhouse
 
         house = _clickhouse_target(args.clickhouse, args.database)
         kind, shown = "ClickHouse", str(house)
         reach: Callable[[], Coroutine[Any, Any, None]] = lambda: clickhouse.ping(house)  # noqa: E731
-        sink = house.sink()
+        sinks = [house.sink() for _ in range(args.connections)]
     else:
         from lunamon.cli.influxql import ping
 
         influx = _influx_target(args.influx, args.database)
         kind, shown = "InfluxDB", str(influx)
         reach = lambda: ping(influx)  # noqa: E731
-        sink = influx.sink()
+        sinks = [influx.sink() for _ in range(args.connections)]
 
     console = _console()
     stopped: list[ReportInputError] = []
@@ -552,7 +552,7 @@ def _send(args: argparse.Namespace) -> int:
             await reach()
             return await deliver(
                 itertools.chain(first, stream),
-                sink,
+                sinks,
                 batch_size=args.batch_size,
                 max_retries=args.max_retries,
             )
@@ -696,6 +696,12 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--batch-size", type=_positive_int, default=5000, help="default 5000")
     send.add_argument(
         "--max-retries", type=_count, default=10, help="retries of one batch (default 10)"
+    )
+    send.add_argument(
+        "--connections",
+        type=_positive_int,
+        default=2,
+        help="batches written at the same time, each on its own connection (default 2)",
     )
     send.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser

@@ -1,11 +1,13 @@
 """``lunamon send``: ship a line-protocol file into InfluxDB or ClickHouse through
 lunamon's own delivery, in batches while the file is read.
 
-The points go through a :class:`~lunamon.monitoring.Monitoring` with the one
-sink, so batching, retries with backoff, ``Retry-After``, splitting on 413 and
-the drop accounting are exactly those of a monitored service. Memory stays
-flat: the reader is held back while ``window`` batches wait for the sink, and
-goes on each time a write attempt ends. Into InfluxDB, the lines the reader
+The points go through a :class:`~lunamon.monitoring.Monitoring` per
+connection (``--connections``, 2 by default: the server works on one batch
+while the next one travels), so batching, retries with backoff,
+``Retry-After``, splitting on 413 and the drop accounting are exactly those of
+a monitored service. Memory stays flat: the reader is held back while
+``window`` batches per connection wait for the sink, and goes on each time a
+write attempt ends. Into InfluxDB, the lines the reader
 checked on its fast path are forwarded as they were read (:func:`forwarded`),
 not rebuilt into points and encoded again.
 """
@@ -28,7 +30,8 @@ from lunamon.sinks.influxdb import InfluxDBSink
 
 __all__ = ["deliver", "forwarded", "send_points"]
 
-WINDOW: Final = 4  # batches buffered at most: the reader waits beyond
+WINDOW: Final = 3  # batches buffered per connection at most: the reader waits beyond
+_YIELD_EVERY: Final = 256  # points read between two turns of the event loop (~1 ms)
 
 
 async def send_points(
@@ -108,7 +111,7 @@ class _Watched:
 
 async def deliver(
     points: Iterable[Point],
-    sink: Sink,
+    sink: Sink | Sequence[Sink],
     *,
     batch_size: int = 5000,
     max_retries: int = 10,
@@ -118,7 +121,11 @@ async def deliver(
     """``points`` into ``sink`` through a :class:`Monitoring` (batches, retries and
     accounting as in a service), taken from the iterable as the sink keeps up (at most
     ``window`` batches buffered); the stats once every point is written or dropped.
+
+    Several sinks (of one destination) are several connections: one Monitoring each,
+    the batches dealt out in turn, their stats added up under the first sink's name.
     ``on_progress`` gets the number of points written or dropped so far."""
+    sinks = [sink] if isinstance(sink, Sink) else list(sink)
     attempted = asyncio.Event()
     settings = MonitoringSettings(
         service="lunamon-send",
@@ -127,36 +134,74 @@ async def deliver(
         max_retries=max_retries,
         shutdown_timeout=30.0,
     )
-    monitoring = Monitoring(settings, [_Watched(sink, attempted)])
+    monitorings = [Monitoring(settings, [_Watched(s, attempted)]) for s in sinks]
+    name = sink_name(sinks[0])
 
-    def buffered() -> int:
-        (stats,) = monitoring.stats().values()
+    def stats() -> dict[str, SinkStats]:
+        return {name: _added([s for m in monitorings for s in m.stats().values()])}
+
+    def progress() -> None:
         if on_progress is not None:
-            on_progress(stats["emitted"] - stats["buffered"])
-        left: int = stats["buffered"]
-        return left
+            total = stats()[name]
+            on_progress(total["emitted"] - total["buffered"])
 
-    async def room(limit: int) -> None:
-        """Until at most ``limit`` points are buffered (the delivery task writes meanwhile)."""
-        await asyncio.sleep(0)  # the delivery task takes the batch just completed
-        while buffered() > limit:
+    async def room(monitoring: Monitoring, limit: int) -> None:
+        """Until ``monitoring`` buffers at most ``limit`` points (its delivery task writes
+        meanwhile): a batch emitted then is never dropped for want of room."""
+        await asyncio.sleep(0)  # the delivery tasks take the batches just completed
+        while True:
+            progress()
+            (own,) = monitoring.stats().values()
+            if own["buffered"] <= limit:
+                return
             attempted.clear()
             await attempted.wait()
 
-    await monitoring.start()
+    for monitoring in monitorings:
+        await monitoring.start()
     try:
-        emit = monitoring.emit
-        for count, point in enumerate(points, 1):
-            emit(point)
-            if count % batch_size == 0:
-                await room(batch_size * (window - 1))
-        # What is left: one attempt now, then the delivery task's retries until done.
-        await monitoring.flush()
-        await room(0)
+        turn = 0
+        batch: list[Point] = []
+        for point in points:
+            batch.append(point)
+            if len(batch) % _YIELD_EVERY == 0:
+                # Reading holds the loop: let the delivery tasks take their answers and
+                # post the next batches now, so that the server is not kept waiting.
+                await asyncio.sleep(0)
+            if len(batch) == batch_size:
+                # A whole batch at once: a delivery task never takes a part of one.
+                monitoring = monitorings[turn % len(monitorings)]
+                await room(monitoring, batch_size * (window - 1))
+                _emit_all(monitoring, batch)
+                batch = []
+                turn += 1
+        monitoring = monitorings[turn % len(monitorings)]
+        await room(monitoring, batch_size * (window - 1))
+        _emit_all(monitoring, batch)
+        # What is left: one attempt now, then the delivery tasks' retries until done.
+        await asyncio.gather(*(m.flush() for m in monitorings))
+        for monitoring in monitorings:
+            await room(monitoring, 0)
     finally:
-        await monitoring.close()
-    final = monitoring.stats()
+        await asyncio.gather(*(m.close() for m in monitorings))
+    final = stats()
     if on_progress is not None:
-        (stats,) = final.values()
-        on_progress(stats["emitted"] - stats["buffered"])
+        on_progress(final[name]["emitted"] - final[name]["buffered"])
     return final
+
+
+def _emit_all(monitoring: Monitoring, points: list[Point]) -> None:
+    emit = monitoring.emit
+    for point in points:
+        emit(point)
+
+
+def _added(stats: list[SinkStats]) -> SinkStats:
+    """The stats of several connections as one sink's."""
+    total: SinkStats = {"emitted": 0, "written": 0, "retries": 0, "buffered": 0, "dropped": {}}
+    for one in stats:
+        for key in ("emitted", "written", "retries", "buffered"):
+            total[key] += one[key]
+        for reason, count in one["dropped"].items():
+            total["dropped"][reason] = total["dropped"].get(reason, 0) + count
+    return total
