@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -247,3 +249,29 @@ async def test_send_stops_at_a_bad_line_after_writing_those_before(
     assert "the 12 points before it were written" in captured.err
     assert "influxdb: 12 = 12 + 0 + 0  ok" in captured.out
     assert written_lines(fake_influx) == lines[:12]
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_send_progress_bar_only_on_a_terminal_stderr(
+    fake_influx: FakeInfluxServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "points.lp"
+    path.write_bytes(encode_lines(make_points(50)))
+    influx_answers(fake_influx)
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["send", str(path), "--influx", f"{fake_influx.url}/db", "--batch-size", "20"]
+    assert await asyncio.to_thread(main, argv) == 0
+    out = capsys.readouterr().out
+    assert "sending" in terminal.getvalue()
+    assert "sending" not in out
+    assert "\x1b[" not in out
+    assert "influxdb: 50 = 50 + 0 + 0  ok" in out
+    assert len(written_lines(fake_influx)) == 50
