@@ -91,7 +91,7 @@ MUTATE_TESTS ?= tests/test_point.py tests/test_flusher.py tests/test_aiohttp.py 
 	tests/test_response_paths.py tests/test_collector.py tests/test_timing.py \
 	tests/test_server_timing.py tests/test_metrics.py tests/test_sink_http.py \
 	tests/test_tls_no_fallback.py tests/test_settings.py tests/test_settings_sources.py \
-	tests/test_registry.py
+	tests/test_registry.py tests/test_recorder_run.py tests/test_gc_freeze.py
 # Tests of those modules that start a real server (not marked slow).
 MUTATE_DESELECT ?= tests/test_metrics.py::test_a_real_prometheus_scrapes_counts_quantiles_and_exemplars
 MUTMUT_DIR := .mutmut

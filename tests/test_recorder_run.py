@@ -1,0 +1,230 @@
+"""``RequestRecorder.run`` called directly, as aiohttp calls a middleware: what it records
+and when, on each way a handler can end (the mutants `make mutate` found untested)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from structlog.testing import capture_logs
+
+import lunamon
+from lunamon import MemorySink, Monitoring, MonitoringSettings, Point
+from lunamon._recorder import RequestRecorder
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class LunaError(Exception):
+    error_code = 11
+
+
+class Interrupted(BaseException):
+    """Neither an ``Exception`` nor a cancellation: passes every ``except`` of ``run``."""
+
+
+def _recorder(**options: Any) -> tuple[RequestRecorder, Monitoring, MemorySink]:
+    error_code = options.pop("error_code", None)
+    settings = MonitoringSettings(service="svc", **options)
+    sink = MemorySink()
+    monitoring = Monitoring(settings, [sink])
+    return RequestRecorder(monitoring, settings, error_code), monitoring, sink
+
+
+async def _request(headers: dict[str, str] | None = None) -> web.Request:
+    """A ``GET /things`` resolved by a real router, as aiohttp hands it to a middleware."""
+    app = web.Application()
+    app.router.add_get("/things", _unused)
+    app.freeze()
+    probe = make_mocked_request("GET", "/things", app=app)
+    match_info = await app.router.resolve(probe)
+    match_info.add_app(app)
+    match_info.freeze()
+    request = make_mocked_request("GET", "/things", headers=headers or {}, app=app)
+    request._match_info = match_info
+    return request
+
+
+async def _unused(request: web.Request) -> web.Response:
+    raise AssertionError("never served")
+
+
+def _emitted(monitoring: Monitoring) -> list[Point]:
+    """The points emitted so far (buffered, not yet written): no flush, no task switch."""
+    return list(monitoring._flusher._channels[0].buffer)
+
+
+async def test_a_response_is_recorded_before_run_returns() -> None:
+    recorder, monitoring, _ = _recorder()
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    before = time.perf_counter()
+    response = await recorder.run(await _request(), ok)
+    took = time.perf_counter() - before
+    (point,) = _emitted(monitoring)  # not deferred to the end of the request's task
+    assert response.headers["Luna-Request-Id"] == point.fields["request_id"]
+    assert point.tags["status_code"] == "200"
+    assert 0.0 <= point.fields["execution_time"] <= took  # type: ignore[operator]
+
+
+async def test_an_http_exception_is_recorded_before_it_leaves_run() -> None:
+    recorder, monitoring, _ = _recorder()
+
+    async def missing(request: web.Request) -> web.Response:
+        raise web.HTTPNotFound()
+
+    with pytest.raises(web.HTTPNotFound):
+        await recorder.run(await _request(), missing)
+    request, error = _emitted(monitoring)
+    assert (request.series, request.tags["status_code"]) == ("request", "404")
+    assert (error.series, error.tags["error_code"]) == ("error", "0")
+
+
+async def test_the_request_id_carries_the_second_of_the_point_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder, monitoring, _ = _recorder()
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    monkeypatch.setattr(time, "time_ns", lambda: 1_000_000_000_999_999_000)
+    await recorder.run(await _request(), ok)
+    (point,) = _emitted(monitoring)
+    assert str(point.fields["request_id"]).startswith("1000000000,")
+    assert point.time_ns // 10**9 == 1_000_000_000
+
+
+async def test_an_exception_keeps_its_error_code() -> None:
+    recorder, monitoring, _ = _recorder()
+
+    async def failing(request: web.Request) -> web.Response:
+        raise LunaError("no face")
+
+    with pytest.raises(LunaError):
+        await recorder.run(await _request(), failing)
+    request, error = _emitted(monitoring)
+    assert request.tags["status_code"] == "500"
+    assert error.tags["error_code"] == "11"
+
+
+async def test_a_base_exception_is_recorded_as_a_500_with_the_default_code() -> None:
+    # The getter answers for any outcome it is given; none exists for a BaseException
+    # that passed every except of run, so it is not asked and the code is the default.
+    recorder, monitoring, _ = _recorder(error_code=lambda request, outcome: 42)
+
+    async def interrupted(request: web.Request) -> web.Response:
+        raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        await recorder.run(await _request(), interrupted)
+    request, error = _emitted(monitoring)
+    assert request.tags["status_code"] == "500"
+    assert error.tags["error_code"] == "1"
+
+
+async def test_server_timing_on_an_http_exception_only_when_asked() -> None:
+    recorder, _, _ = _recorder(server_timing=True, server_timing_when="X-Debug-Timing: 1")
+
+    async def missing(request: web.Request) -> web.Response:
+        raise web.HTTPNotFound()
+
+    with pytest.raises(web.HTTPNotFound) as asked:
+        await recorder.run(await _request({"X-Debug-Timing": "1"}), missing)
+    assert asked.value.headers["Server-Timing"].startswith("total;dur=")
+    with pytest.raises(web.HTTPNotFound) as not_asked:
+        await recorder.run(await _request(), missing)
+    assert "Server-Timing" not in not_asked.value.headers
+
+
+async def test_a_point_that_cannot_be_emitted_is_logged_and_the_response_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder, monitoring, _ = _recorder()
+    broken = RuntimeError("emit broke " + "e" * 2000)  # longer than the 1,024 logged
+
+    def raising_emit(point: Point) -> None:
+        raise broken
+
+    monkeypatch.setattr(monitoring, "emit", raising_emit)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    with capture_logs() as logs:
+        response = await recorder.run(await _request(), ok)
+    assert response.text == "ok"
+    event = {"event": "record_failed", "error": repr(broken)[:1024], "log_level": "error"}
+    assert [e for e in logs if e["event"] == "record_failed"] == [event]
+
+
+# ------------------------------------------------------------------ monitor_request's calls
+
+
+def _monitored_functions() -> tuple[Any, Any, type[web.View]]:
+    """Decorated when a test runs, not at import (``make mutate`` activates its mutants
+    only after the import)."""
+
+    @lunamon.monitor_request
+    async def inner(request: web.Request, suffix: str = "") -> web.Response:
+        """A monitored handler other code calls with more than the request."""
+        return web.Response(text=f"{request.match_info['name']}{suffix}")
+
+    @lunamon.monitor_request
+    async def helper(value: int, *, more: int) -> int:
+        """Monitored by mistake: not a handler at all."""
+        return value + more
+
+    class EchoView(web.View):
+        @lunamon.monitor_request
+        async def get(self) -> web.Response:
+            return web.Response(text=self.request.match_info["name"])
+
+    return inner, helper, EchoView
+
+
+async def test_monitor_request_passes_every_argument_on(aiohttp_client: Any) -> None:
+    _inner, _, _EchoView = _monitored_functions()
+
+    async def by_keyword(request: web.Request) -> web.Response:
+        return await _inner(request=request, suffix="!")
+
+    async def with_keyword(request: web.Request) -> web.Response:
+        return await _inner(request, suffix="?")
+
+    async def positional(request: web.Request) -> web.Response:
+        return await _inner(request, ".")
+
+    sink = MemorySink()
+    app = web.Application()
+    app.router.add_get("/keyword/{name}", by_keyword)
+    app.router.add_get("/with/{name}", with_keyword)
+    app.router.add_get("/positional/{name}", positional)
+    app.router.add_view("/view/{name}", _EchoView)
+    monitoring = lunamon.setup(app, service="svc", sinks=[sink], middleware=False)
+    client = await aiohttp_client(app)
+    texts = [
+        await (await client.get(path)).text()
+        for path in ("/keyword/a", "/with/b", "/positional/c", "/view/d")
+    ]
+    assert texts == ["a!", "b?", "c.", "d"]
+    await monitoring.flush()
+    assert [(p.tags["route"], p.tags["status_code"]) for p in sink.points] == [
+        ("GET:/keyword/{name}", "200"),
+        ("GET:/with/{name}", "200"),
+        ("GET:/positional/{name}", "200"),
+        ("GET:/view/{name}", "200"),
+    ]
+
+
+async def test_monitor_request_on_something_else_only_calls_it() -> None:
+    _inner, _helper, _ = _monitored_functions()
+    assert await _helper(1, more=2) == 3
+    assert _inner.__name__ == "inner"
+    assert _inner.__doc__ == "A monitored handler other code calls with more than the request."
