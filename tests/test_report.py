@@ -557,3 +557,44 @@ def test_a_big_report_is_summed_up_in_bounded_memory() -> None:
     assert report.requests == 200_000
     assert sum(r.requests for r in report.routes) == 200_000
     assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MB"
+
+
+@pytest.mark.parametrize("count", [1, 2, 1000, 65_536, 65_537, 200_003])
+def test_ranked_values_are_sorted_values(count: int) -> None:
+    """The report's percentiles come from sorted runs and a search by rank: every rank the
+    report reads holds the value ``sorted()`` holds there (duplicates and zeros too)."""
+    from array import array
+
+    from lunamon.cli.report import _Ranked
+
+    rng = random.Random(count)
+    values = [
+        rng.choice([0.0, 1e-9, 0.5, 3.0]) if k % 7 == 0 else rng.random() for k in range(count)
+    ]
+    ranked = _Ranked(array("d", values))
+    ordered = sorted(values)
+    assert len(ranked) == count
+    ranks = {0, count - 1, count // 2, count // 3, rng.randrange(count), rng.randrange(count)}
+    for q in (25, 50, 75, 95, 99):
+        position = (count - 1) * q / 100.0
+        ranks |= {math.floor(position), min(math.floor(position) + 1, count - 1)}
+    for rank in sorted(ranks):
+        assert ranked[rank] == ordered[rank], rank
+        assert ranked[rank - count] == ordered[rank]
+    for q in (25, 50, 75, 95, 99):
+        assert percentile(ranked, q) == percentile(ordered, q)
+    assert math.fsum(ranked) == math.fsum(ordered)
+    with pytest.raises(IndexError):
+        ranked[count]
+
+
+def test_ranked_keeps_a_negative_zero_where_sorted_puts_it() -> None:
+    from array import array
+
+    from lunamon.cli.report import _Ranked
+
+    values = [0.5] * 70_000 + [0.0, -0.0, 0.0] + [0.25] * 70_000
+    ranked = _Ranked(array("d", values))
+    ordered = sorted(values)
+    for rank in (0, 1, 2, 3, 70_001, len(values) - 1):
+        assert repr(ranked[rank]) == repr(ordered[rank])
