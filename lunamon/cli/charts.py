@@ -12,13 +12,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Final
 
-from lunamon.cli.report import Report
+from lunamon.cli.report import Report, timeline_width
 
 __all__ = ["render_html", "write_html"]
-
-# Bucket widths for the errors-over-time chart, in seconds: ~30-60 buckets per chart.
-_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 86400)
-_TARGET_BUCKETS: Final = 40
 
 _STYLE: Final = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
@@ -141,27 +137,22 @@ def steps_figure(report: Report) -> Any:
     return fig
 
 
-def _bucket_width(span_s: float) -> float:
-    for width in _BUCKETS:
-        if span_s / width <= _TARGET_BUCKETS:
-            return width
-    return _BUCKETS[-1]
-
-
 def errors_figure(report: Report) -> Any:
     """Stacked bars of failed requests per time bucket, one colour per error code (status)."""
     go, _ = _plotly()
     from datetime import datetime, timezone
 
-    width = _bucket_width((report.end_ns - report.start_ns) / 1e9)
-    width_ns = int(width * 1e9)
-    origin = report.start_ns - report.start_ns % width_ns
-    buckets = range(origin, report.end_ns + 1, width_ns)
+    width_ns = timeline_width(report.end_ns - report.start_ns)
+    width = width_ns / 1e9
+    first = report.start_ns // width_ns  # the bucket of the first request
+    buckets = range(first * width_ns, report.end_ns + 1, width_ns)
     labels = [datetime.fromtimestamp(t / 1e9, tz=timezone.utc) for t in buckets]
+    timeline = report.timeline
     by_label: dict[str, Counter[int]] = {g.label: Counter() for g in report.error_groups}
-    for label, times in report.error_events.items():
-        by_label.setdefault(label, Counter()).update((t - origin) // width_ns for t in times)
-    requests: Counter[int] = Counter((t - origin) // width_ns for t in report.request_times)
+    for label, slots in timeline.errors.items():
+        counts = timeline.per(width_ns, slots)
+        by_label.setdefault(label, Counter()).update({k - first: n for k, n in counts.items()})
+    requests = Counter({k - first: n for k, n in timeline.per(width_ns, timeline.requests).items()})
     fig = go.Figure()
     for label, counts in by_label.items():
         fig.add_trace(go.Bar(name=label, x=labels, y=[counts[i] for i in range(len(labels))]))

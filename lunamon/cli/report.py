@@ -21,7 +21,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from operator import itemgetter
+from itertools import islice, repeat
+from operator import floordiv, itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, overload
 
@@ -47,12 +48,16 @@ __all__ = [
     "ReportInputError",
     "RouteSummary",
     "StepSummary",
+    "TIMELINE_BUCKETS",
+    "TIMELINE_WIDTHS_NS",
+    "Timeline",
     "build_report",
     "file_records",
     "load_file",
     "percentile",
     "print_report",
     "report_file",
+    "timeline_width",
 ]
 
 REQUEST: Final = "request"
@@ -114,6 +119,56 @@ class ErrorGroup:
         return f"{self.error_code} ({self.status})"
 
 
+# The bucket widths of the errors-over-time chart (``--html``), in ns: it takes the first
+# that cuts the requests' time span into at most TIMELINE_BUCKETS buckets, else the last.
+TIMELINE_WIDTHS_NS: Final = tuple(
+    round(seconds * 10**9)
+    for seconds in (0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 86400)
+)
+TIMELINE_BUCKETS: Final = 40
+
+
+def timeline_width(span_ns: int) -> int:
+    """The chart's bucket width (ns) for requests spanning ``span_ns``."""
+    for width in TIMELINE_WIDTHS_NS:
+        if span_ns / width <= TIMELINE_BUCKETS:
+            return width
+    return TIMELINE_WIDTHS_NS[-1]
+
+
+class Timeline:
+    """Requests, and errors per :attr:`ErrorGroup.label`, counted per slot of
+    ``grid_ns``: ``time_ns // grid_ns`` -> count. The grid divides every width the chart
+    can still take for the span seen so far, so a bucket of the chart is a whole number
+    of slots; it coarsens as the span grows, so the slots stay a few hundred at most,
+    however many the requests (the last width, a day, aside)."""
+
+    def __init__(self) -> None:
+        self.grid_ns = math.gcd(*TIMELINE_WIDTHS_NS)
+        self.requests: Counter[int] = Counter()
+        self.errors: dict[str, Counter[int]] = {}
+
+    def per(self, width_ns: int, slots: Mapping[int, int]) -> Counter[int]:
+        """``slots`` as counts per ``time_ns // width_ns`` (a multiple of the grid)."""
+        grid = self.grid_ns
+        if width_ns % grid:
+            raise ValueError(f"width {width_ns} ns is not a multiple of the grid {grid} ns")
+        counts: Counter[int] = Counter()
+        for slot, count in slots.items():
+            counts[slot * grid // width_ns] += count
+        return counts
+
+    def coarsen(self, span_ns: int) -> None:
+        """The widest grid that still divides every width left for a span of ``span_ns``."""
+        first = TIMELINE_WIDTHS_NS.index(timeline_width(span_ns))
+        grid = math.gcd(*TIMELINE_WIDTHS_NS[first:])
+        if grid == self.grid_ns:
+            return
+        self.requests = self.per(grid, self.requests)
+        self.errors = {label: self.per(grid, slots) for label, slots in self.errors.items()}
+        self.grid_ns = grid
+
+
 @dataclass(frozen=True)
 class Report:
     """What ``lunamon report`` shows, computed once from the points."""
@@ -126,10 +181,8 @@ class Report:
     errors: int
     routes: tuple[RouteSummary, ...]
     error_groups: tuple[ErrorGroup, ...]
-    # ErrorGroup.label -> the time_ns of each of its error points, in reading order,
-    # and the time_ns of every request point: the timeline chart.
-    error_events: Mapping[str, Sequence[int]] = field(repr=False)
-    request_times: Sequence[int] = field(repr=False)
+    # Requests and errors per slot of time: the errors-over-time chart.
+    timeline: Timeline = field(repr=False)
 
     @property
     def error_rate(self) -> float:
@@ -137,8 +190,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain data (``lunamon report --json``), times in seconds."""
-        data = asdict(replace(self, error_events={}, request_times=()))
-        del data["error_events"], data["request_times"]
+        data = asdict(replace(self, timeline=Timeline()))
+        del data["timeline"]
         for route, summary in zip(data["routes"], self.routes, strict=True):
             route["error_rate"] = summary.error_rate
         data["error_rate"] = self.error_rate
@@ -386,6 +439,7 @@ class _Route:
 
 
 _PLANS_LIMIT: Final = 65_536
+_FOLD_EVERY: Final = 65_536  # records between two countings of the times into the timeline
 # The plans of a layout: how its lines add up.
 _SKIP: Final = ()  # left out: another series, another service
 _REQUEST: Final = 1
@@ -397,10 +451,11 @@ class ReportBuilder:
     """Sums points up for the report as they come (:meth:`add`, :meth:`add_records`).
 
     Memory: per route a few counters and 8 bytes per request (its
-    ``execution_time``), plus 8 bytes per request and per error for the timeline;
-    no point is kept. The lines of :class:`~lunamon.lineprotocol.LineReader`'s fast
-    path are added through a plan per layout (which field is which), with the same
-    checks and in the same order as :meth:`add`, so the numbers are the same.
+    ``execution_time``, for exact percentiles), a :class:`Timeline` of a few hundred
+    slots, and the times of the last 65,536 records; no point is kept. The lines of
+    :class:`~lunamon.lineprotocol.LineReader`'s fast path are added through a plan per
+    layout (which field is which), with the same checks and in the same order as
+    :meth:`add`, so the numbers are the same.
     """
 
     def __init__(self, *, source: str, service: str | None = None) -> None:
@@ -408,8 +463,12 @@ class ReportBuilder:
         self.service = service
         self._routes: dict[str, _Route] = {}
         self._groups: dict[tuple[int, int], Counter[str]] = {}
+        # Times not yet counted in the timeline (it counts them a block at a time).
         self._error_times: dict[tuple[int, int], array[int]] = {}
         self._request_times = array("q")
+        self._timeline = Timeline()
+        self._start_ns: int | None = None
+        self._end_ns: int | None = None
         self._services: set[str] = set()
         self._plans: dict[tuple[Head, Shape], tuple[Any, ...]] = {}
 
@@ -458,13 +517,41 @@ class ReportBuilder:
                 totals[index] += seconds
                 counts[index] += 1
         self._request_times.append(point.time_ns)
+        if len(self._request_times) >= _FOLD_EVERY:
+            self._fold()
 
     def add_records(self, records: Iterable[Record]) -> None:
         """Records of a :class:`~lunamon.lineprotocol.LineReader` (points or fast lines)."""
+        stream = iter(records)
+        while self._add_some(islice(stream, _FOLD_EVERY)) == _FOLD_EVERY:
+            self._fold()
+        self._fold()
+
+    def _fold(self) -> None:
+        """Count the times kept so far into the timeline (whose grid may coarsen first)."""
+        timeline = self._timeline
+        times = self._request_times
+        if times:
+            low, high = min(times), max(times)
+            self._start_ns = low if self._start_ns is None else min(self._start_ns, low)
+            self._end_ns = high if self._end_ns is None else max(self._end_ns, high)
+            timeline.coarsen(self._end_ns - self._start_ns)
+            timeline.requests.update(map(floordiv, times, repeat(timeline.grid_ns)))
+            del times[:]
+        for (code, status), times in self._error_times.items():
+            if times:
+                slots = timeline.errors.setdefault(f"{code} ({status})", Counter())
+                slots.update(map(floordiv, times, repeat(timeline.grid_ns)))
+                del times[:]
+
+    def _add_some(self, records: Iterable[Record]) -> int:
+        """Add ``records``; how many there were."""
+        count = 0
         plans = self._plans
         request_times = self._request_times.append
         add = self.add
         for record in records:
+            count += 1
             if type(record) is Point:
                 add(record)
                 continue
@@ -493,6 +580,7 @@ class ReportBuilder:
                 error_times(time_ns)
             else:
                 add(to_point(line))
+        return count
 
     def _plan(self, line: FastLine) -> tuple[Any, ...]:
         """How the lines of a head and layout add up: which float is which. The tags are
@@ -545,7 +633,8 @@ class ReportBuilder:
 
     def build(self) -> Report:
         """The report; :class:`ReportInputError` when there was no ``request`` point."""
-        if not self._request_times:
+        self._fold()
+        if self._start_ns is None or self._end_ns is None:
             where = f" of service {self.service!r}" if self.service is not None else ""
             raise ReportInputError(f"{self.source}: no 'request' points{where}: nothing to report")
         routes = []
@@ -590,18 +679,16 @@ class ReportBuilder:
                 key=lambda g: (-g.count, g.error_code, g.status),
             )
         )
-        times = self._request_times
         return Report(
             source=self.source,
             services=tuple(sorted(self._services)),
-            start_ns=min(times),
-            end_ns=max(times),
-            requests=len(times),
-            errors=sum(len(t) for t in self._error_times.values()),
+            start_ns=self._start_ns,
+            end_ns=self._end_ns,
+            requests=sum(len(state.durations) for state in self._routes.values()),
+            errors=sum(group.count for group in error_groups),
             routes=tuple(routes),
             error_groups=error_groups,
-            error_events={f"{c} ({s})": t for (c, s), t in self._error_times.items()},
-            request_times=times,
+            timeline=self._timeline,
         )
 
 
