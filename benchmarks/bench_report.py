@@ -316,9 +316,9 @@ def _print(
         f" about equal): {'; '.join(growth)}. The {fmt_int(large)}-line file:"
         f" {fmt_int(megabytes)} MB, generated in {generated:.1f} s (not timed). {rounds}"
         " round(s), commands alternating; each a fresh interpreter (`python -m lunamon`),"
-        " startup included. The percentiles are exact (every execution_time kept, 8 bytes"
-        " each), so memory grows by about 16 bytes a request plus the sort of the largest"
-        " route at the end."
+        " startup included. The report's percentiles are exact: it keeps every"
+        " execution_time (8 bytes a request, the only part of its memory that grows with"
+        " the file); `send` keeps at most 3 batches per connection (2 connections)."
         + (
             ""
             if send
