@@ -3,6 +3,7 @@ and when, on each way a handler can end (the mutants `make mutate` found unteste
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -129,6 +130,26 @@ async def test_a_base_exception_is_recorded_as_a_500_with_the_default_code() -> 
     assert error.tags["error_code"] == "1"
 
 
+async def test_a_cancelled_handler_gives_the_getter_its_cancellation() -> None:
+    seen: list[object] = []
+
+    def getter(request: web.Request, outcome: object) -> int:
+        seen.append(outcome)
+        return 77
+
+    recorder, monitoring, _ = _recorder(error_code=getter)
+
+    async def cancelled(request: web.Request) -> web.Response:
+        raise asyncio.CancelledError()
+
+    with pytest.raises(asyncio.CancelledError):
+        await recorder.run(await _request(), cancelled)
+    request, error = _emitted(monitoring)
+    assert request.tags["status_code"] == "499"  # the client left before any status
+    assert error.tags["error_code"] == "77"
+    assert [type(outcome) for outcome in seen] == [asyncio.CancelledError]
+
+
 async def test_server_timing_on_an_http_exception_only_when_asked() -> None:
     recorder, _, _ = _recorder(server_timing=True, server_timing_when="X-Debug-Timing: 1")
 
@@ -228,3 +249,22 @@ async def test_monitor_request_on_something_else_only_calls_it() -> None:
     assert await _helper(1, more=2) == 3
     assert _inner.__name__ == "inner"
     assert _inner.__doc__ == "A monitored handler other code calls with more than the request."
+
+
+async def test_monitor_request_without_setup_passes_every_argument_on(
+    aiohttp_client: Any,
+) -> None:
+    _inner, _, _ = _monitored_functions()
+
+    async def by_keyword(request: web.Request) -> web.Response:
+        return await _inner(request=request, suffix="!")
+
+    async def positional(request: web.Request) -> web.Response:
+        return await _inner(request, ".")
+
+    app = web.Application()  # no lunamon.setup: the wrapper finds no recorder
+    app.router.add_get("/keyword/{name}", by_keyword)
+    app.router.add_get("/positional/{name}", positional)
+    client = await aiohttp_client(app)
+    assert await (await client.get("/keyword/a")).text() == "a!"
+    assert await (await client.get("/positional/b")).text() == "b."
