@@ -180,6 +180,7 @@ async def test_a_point_that_cannot_be_emitted_is_logged_and_the_response_kept(
 
     with capture_logs() as logs:
         response = await recorder.run(await _request(), ok)
+    assert isinstance(response, web.Response)
     assert response.text == "ok"
     event = {"event": "record_failed", "error": repr(broken)[:1024], "log_level": "error"}
     assert [e for e in logs if e["event"] == "record_failed"] == [event]
@@ -188,7 +189,10 @@ async def test_a_point_that_cannot_be_emitted_is_logged_and_the_response_kept(
 # ------------------------------------------------------------------ monitor_request's calls
 
 
-def _monitored_functions() -> tuple[Any, Any, type[web.View]]:
+Inner = Callable[..., Awaitable[web.Response]]
+
+
+def _monitored_functions() -> tuple[Inner, Callable[..., Awaitable[int]], type[web.View]]:
     """Decorated when a test runs, not at import (``make mutate`` activates its mutants
     only after the import)."""
 
