@@ -29,9 +29,9 @@ SCRIPTS: Final = (
     "bench_timed",
     "bench_encode",
     "bench_write",
-    "bench_clickhouse",
     "bench_memory",
     "bench_report",
+    "bench_clickhouse",
 )
 TIMEOUT: Final = 420.0  # seconds per script: every loop in them is bounded well below
 PACKAGES: Final = (
