@@ -45,7 +45,7 @@ from benchmarks._common import (
     free_port,
     markdown_table,
 )
-from benchmarks._server import EncodingSink, hello
+from benchmarks._server import EncodingSink, build_app, hello
 from benchmarks.bench_service import Server, run_wrk, server_cpu_seconds
 from lunamon._ids import new_request_id
 from lunamon._recorder import RequestRecorder
@@ -113,6 +113,10 @@ async def _noop_between() -> None:
 
 
 def _app(kind: str) -> tuple[web.Application, lunamon.Monitoring | None]:
+    if kind == "prometheus":  # the peer's middleware, as bench_service serves it
+        app, _ = build_app("prometheus")
+        app.freeze()
+        return app, None
     monitoring = None
     middlewares: list[Any] = []
     if kind == "empty_middleware":
@@ -154,6 +158,7 @@ async def _whole_requests(n: int, repeat: int) -> tuple[list[Row], dict[str, flo
     kinds = {
         "bare": "bare app",
         "empty_middleware": "empty pass-through middleware",
+        "prometheus": "prometheus_client Histogram + Counter middleware",
         "lunamon_middleware": "lunamon middleware",
         "lunamon_decorator": "lunamon `@monitor_request` (no middleware)",
     }
