@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from lunamon._backlog import PACK_RUN, PackedPoints
 from lunamon._log import RateLimitedLogger, logger
 from lunamon.errors import BatchTooLarge, SinkError
 from lunamon.point import Point
@@ -87,7 +88,10 @@ class _Channel:
         "emitted",
         "inflight",
         "lock",
+        "mark",
         "name",
+        "pack_at",
+        "packed",
         "retries",
         "retry_after",
         "sink",
@@ -100,7 +104,14 @@ class _Channel:
     def __init__(self, sink: Sink, name: str, policy: FlushPolicy) -> None:
         self.sink = sink
         self.name = name
-        self.buffer: deque[Point] = deque()
+        # Points, and runs of older points packed (PackedPoints) while more than a batch
+        # waits: len(buffer) + packed points are buffered (packed: the points inside the
+        # runs beyond the one entry each takes in the deque).
+        self.buffer: deque[Point | PackedPoints] = deque()
+        self.packed = 0
+        # Pack the points appended since `mark` (an `emitted` count) once this many wait.
+        self.pack_at = policy.batch_size + PACK_RUN
+        self.mark = 0
         self.buffer_size = policy.buffer_size
         self.capacity = policy.buffer_size  # buffer_size minus the batch in flight
         self.batch_size = policy.batch_size  # shrinks after a 413
@@ -119,7 +130,55 @@ class _Channel:
         self.task: asyncio.Task[None] | None = None
 
     def buffered(self) -> int:
-        return len(self.buffer) + (len(self.inflight) if self.inflight else 0)
+        return len(self.buffer) + self.packed + (len(self.inflight) if self.inflight else 0)
+
+    def clear(self) -> None:
+        """Forget every buffered point (not the batch in flight)."""
+        self.buffer.clear()
+        self.packed = 0
+        self.mark = self.emitted
+
+    def drop_oldest(self) -> None:
+        """Drop the oldest buffered point (the buffer is not empty)."""
+        first = self.buffer[0]
+        if type(first) is PackedPoints and len(first) > 1:
+            first.skip()
+            self.packed -= 1
+        else:
+            self.buffer.popleft()
+
+    def take(self, size: int) -> list[Point]:
+        """The ``size`` oldest buffered points, out of the buffer."""
+        buffer = self.buffer
+        batch: list[Point] = []
+        while len(batch) < size:
+            first = buffer[0]
+            if type(first) is not PackedPoints:
+                batch.append(buffer.popleft())  # type: ignore[arg-type]
+                continue
+            n = min(size - len(batch), len(first))
+            batch.extend([first.popleft() for _ in range(n)])
+            if len(first):
+                self.packed -= n
+            else:
+                buffer.popleft()
+                self.packed -= n - 1
+        return batch
+
+    def pack(self) -> None:
+        """Pack the points appended since the last pack, newest end of the buffer."""
+        buffer = self.buffer
+        run: list[Point] = []
+        limit = min(self.emitted - self.mark, len(buffer))
+        while len(run) < limit and type(buffer[-1]) is not PackedPoints:
+            run.append(buffer.pop())  # type: ignore[arg-type]
+        self.mark = self.emitted
+        if len(run) < 2:
+            buffer.extend(reversed(run))
+            return
+        run.reverse()
+        buffer.append(PackedPoints(run))
+        self.packed += len(run) - 1
 
     def set_inflight(self, batch: list[Point] | None) -> None:
         self.inflight = batch
@@ -198,16 +257,19 @@ class Flusher:
         for channel in self._channels:
             channel.emitted += 1
             buffer = channel.buffer
-            size = len(buffer)
+            size = len(buffer) + channel.packed
             if size >= channel.capacity:
                 if not size:  # the whole bound is taken by the batch in flight
                     channel.dropped["overflow"] += 1
                     continue
-                buffer.popleft()
+                channel.drop_oldest()
                 channel.dropped["overflow"] += 1
             buffer.append(point)
-            if size >= channel.wake_at and not channel.backing_off and channel.wake:
-                channel.wake.set()
+            if size >= channel.wake_at:
+                if size >= channel.pack_at and channel.emitted - channel.mark >= PACK_RUN:
+                    channel.pack()  # a sink this far behind: keep what waits compact
+                if not channel.backing_off and channel.wake:
+                    channel.wake.set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -277,7 +339,7 @@ class Flusher:
         left = channel.buffered()
         if left:
             channel.dropped["shutdown"] += left
-            channel.buffer.clear()
+            channel.clear()
             channel.set_inflight(None)
             logger.warning("points_dropped_at_shutdown", sink=channel.name, count=left)
         try:
@@ -296,7 +358,7 @@ class Flusher:
 
     def _reset_after_fork(self) -> None:
         for channel in self._channels:
-            channel.buffer.clear()
+            channel.clear()
             channel.set_inflight(None)
             channel.wake = channel.lock = channel.task = None
         self._started = False
@@ -349,8 +411,8 @@ class Flusher:
             if channel.inflight is None:
                 if not buffer:
                     return True
-                size = min(channel.batch_size, len(buffer))
-                channel.set_inflight([buffer.popleft() for _ in range(size)])
+                size = min(channel.batch_size, len(buffer) + channel.packed)
+                channel.set_inflight(channel.take(size))
                 channel.attempts = 0
                 channel.retry_after = None
             if not await self._write(channel, channel.inflight):  # type: ignore[arg-type]

@@ -1,0 +1,172 @@
+"""Points waiting behind a slow or dead sink are packed (lunamon/_backlog.py): they come
+back equal and in order, every count stays exact, and they take a fraction of the memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Sequence
+from typing import Any
+
+from lunamon import MonitoringSettings, Point
+from lunamon._backlog import PACK_RUN, PackedPoints
+from lunamon._ids import new_request_id
+from lunamon.flusher import Flusher, SinkStats
+from lunamon.point import TagSet
+
+STEPS = [f"step_{n}_time" for n in range(9)]
+
+
+def _assert_invariant(stats: SinkStats) -> None:
+    dropped = sum(stats["dropped"].values())
+    assert stats["emitted"] == stats["written"] + dropped + stats["buffered"], stats
+
+
+def _seed_points(n: int, start: int = 0) -> list[Point]:
+    """Request points as the recorder makes them: one shared TagSet, eleven fields."""
+    tags = TagSet(service="svc", route="POST:/handlers/{handlerId}/events", status_code="200")
+    points = []
+    for i in range(start, start + n):
+        fields: dict[str, Any] = {"request_id": new_request_id(), "execution_time": i / 7}
+        for k, step in enumerate(STEPS):
+            fields[step] = (i + k) / 1000
+        points.append(Point.trusted("request", 10**18 + i * 1000, tags, fields))
+    return points
+
+
+def test_packed_points_come_back_equal_in_order_with_their_tags_object() -> None:
+    shared = TagSet(service="svc", route="GET:/a", status_code="200")
+    points = [
+        Point.trusted("request", 1, shared, {"request_id": "r1", "execution_time": 0.5}),
+        Point("error", -5, {"error_code": "7"}, {"request_id": 'q"\\\n', "n": 2**62}),
+        Point.trusted("request", 3, shared, {"execution_time": -0.0, "ok": True, "f": False}),
+        Point("custom", 4, {}, {"ü": "ünï", "x": 1e308, "i": -1}),
+        Point.trusted("request", 5, shared, {"request_id": "r5", "execution_time": 0.25}),
+    ]
+    packed = PackedPoints(points)
+    assert len(packed) == 5
+    back = [packed.popleft() for _ in range(5)]
+    assert back == points
+    assert back[0].tags is shared
+    assert back[4].tags is shared
+    for before, after in zip(points, back, strict=True):
+        assert list(after.fields) == list(before.fields)  # field order kept
+        for key, value in before.fields.items():
+            assert type(after.fields[key]) is type(value)
+    assert str(back[2].fields["execution_time"]) == "-0.0"
+    assert len(packed) == 0
+
+
+def test_skipped_points_are_passed_over_exactly() -> None:
+    points = _seed_points(6)
+    points[2] = Point("other", 9, {"a": "b"}, {"count": 3, "label": "x"})  # another layout
+    packed = PackedPoints(points)
+    packed.skip()
+    assert packed.popleft() == points[1]
+    packed.skip()  # the odd one: its integer and string are skipped, no float
+    assert [packed.popleft() for _ in range(3)] == points[3:]
+
+
+class DownSink:
+    """Refuses every write with a connection error (retried, never rejected) until up."""
+
+    name = "down"
+
+    def __init__(self) -> None:
+        self.up = False
+        self.points: list[Point] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def write(self, points: Sequence[Point]) -> None:
+        if not self.up:
+            raise ConnectionRefusedError("nothing listening")
+        self.points.extend(points)
+
+    async def close(self) -> None:
+        return None
+
+
+def _flusher(sink: DownSink, **settings: Any) -> Flusher:
+    return Flusher([sink], MonitoringSettings(max_retries=10**6, **settings).flush_policy())
+
+
+async def test_a_backlog_is_packed_and_delivered_exactly_once_in_order() -> None:
+    sink = DownSink()
+    flusher = _flusher(sink, batch_size=50, buffer_size=2_000)
+    channel = flusher._channels[0]
+    points = _seed_points(3_000)
+    await flusher.flush()  # started; the first attempt fails and is retried later
+    for number, p in enumerate(points, 1):
+        flusher.emit(p)
+        if number % 97 == 0:
+            _assert_invariant(flusher.stats()["down"])
+            await flusher.flush()  # a failed attempt: the batch in flight stays
+    stats = flusher.stats()["down"]
+    _assert_invariant(stats)
+    assert channel.packed > 1_000  # most of what waits is packed
+    assert stats["buffered"] == 2_000
+    assert stats["dropped"]["overflow"] == 1_000
+    sink.up = True
+    for _ in range(100):  # bounded: 2,000 points in batches of 50
+        await flusher.flush()
+        if not flusher.stats()["down"]["buffered"]:
+            break
+    stats = flusher.stats()["down"]
+    _assert_invariant(stats)
+    assert stats["written"] == 2_000
+    assert channel.packed == 0
+    # The batch in flight when the overflow began, then the newest points, in order.
+    in_flight = points[:50]
+    assert sink.points[:50] == in_flight
+    assert sink.points[50:] == points[-1_950:]
+    await flusher.close()
+
+
+async def test_a_sink_that_keeps_up_never_sees_a_packed_point() -> None:
+    sink = DownSink()
+    sink.up = True
+    flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
+    channel = flusher._channels[0]
+    points = _seed_points(1_000)
+    for start in range(0, 1_000, 100):
+        for p in points[start : start + 100]:
+            flusher.emit(p)
+        assert channel.packed == 0
+        await flusher.flush()
+    assert sink.points == points
+    assert all(p is q for p, q in zip(sink.points, points, strict=True))  # the same objects
+    await flusher.close()
+
+
+async def test_packing_starts_a_run_beyond_a_batch() -> None:
+    sink = DownSink()
+    flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
+    channel = flusher._channels[0]
+    for p in _seed_points(100 + PACK_RUN):
+        flusher.emit(p)
+    assert channel.packed == 0  # a batch and a run wait: not yet
+    for p in _seed_points(PACK_RUN, start=10_000):
+        flusher.emit(p)
+    assert channel.packed > 0
+    await flusher.close()
+
+
+async def test_buffered_points_behind_a_dead_sink_take_under_400_bytes_each() -> None:
+    # BENCHMARKS.md section 5: 100,000 buffered seed points in 40 MB. Measured here for
+    # 20,000 with tracemalloc: what the buffer holds, not the interpreter around it.
+    sink = DownSink()
+    flusher = _flusher(sink, batch_size=500, buffer_size=20_000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, 20_000, 1_000):  # made inside the trace, kept only by the buffer
+            for p in _seed_points(1_000, start):
+                flusher.emit(p)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert flusher.stats()["down"]["buffered"] == 20_000
+    assert flusher._channels[0].packed > 15_000
+    assert used / 20_000 < 400, f"{used / 20_000:.0f} bytes a point"
+    await flusher.close()
