@@ -166,10 +166,13 @@ class _Channel:
         return batch
 
     def pack(self) -> None:
-        """Pack the points appended since the last pack, newest end of the buffer."""
+        """Pack the points appended since the last pack (the newest end of the buffer),
+        leaving the oldest batch plain: the next write takes it as it is."""
         buffer = self.buffer
         run: list[Point] = []
-        limit = min(self.emitted - self.mark, len(buffer))
+        limit = min(self.emitted - self.mark, len(buffer) - self.batch_size)
+        # The run stops at an earlier one (points appended since the last pack may have
+        # been taken out already); a run of 0 or 1 point is left plain.
         while len(run) < limit and type(buffer[-1]) is not PackedPoints:
             run.append(buffer.pop())  # type: ignore[arg-type]
         self.mark = self.emitted

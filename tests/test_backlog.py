@@ -56,6 +56,16 @@ def test_packed_points_come_back_equal_in_order_with_their_tags_object() -> None
     assert len(packed) == 0
 
 
+def test_points_alike_but_for_their_tags_keep_their_own_tags() -> None:
+    a, b = {"route": "GET:/a"}, {"route": "GET:/b"}
+    points = [Point.trusted("request", n, tags, {"execution_time": n / 3}) for n, tags in
+              enumerate([a, b, a, b])]  # fmt: skip
+    packed = PackedPoints(points)
+    back = [packed.popleft() for _ in range(4)]
+    assert [p.tags for p in back] == [a, b, a, b]
+    assert back[1].tags is b
+
+
 def test_skipped_points_are_passed_over_exactly() -> None:
     points = _seed_points(6)
     points[2] = Point("other", 9, {"a": "b"}, {"count": 3, "label": "x"})  # another layout
@@ -74,6 +84,7 @@ class DownSink:
     def __init__(self) -> None:
         self.up = False
         self.points: list[Point] = []
+        self.batches: list[int] = []
 
     async def start(self) -> None:
         return None
@@ -82,6 +93,7 @@ class DownSink:
         if not self.up:
             raise ConnectionRefusedError("nothing listening")
         self.points.extend(points)
+        self.batches.append(len(points))
 
     async def close(self) -> None:
         return None
@@ -120,6 +132,7 @@ async def test_a_backlog_is_packed_and_delivered_exactly_once_in_order() -> None
     in_flight = points[:50]
     assert sink.points[:50] == in_flight
     assert sink.points[50:] == points[-1_950:]
+    assert set(sink.batches) == {50}  # a batch that reaches into a packed run stays a batch
     await flusher.close()
 
 
@@ -139,16 +152,45 @@ async def test_a_sink_that_keeps_up_never_sees_a_packed_point() -> None:
     await flusher.close()
 
 
-async def test_packing_starts_a_run_beyond_a_batch() -> None:
+async def test_packing_starts_a_run_beyond_a_batch_and_goes_on_run_by_run() -> None:
     sink = DownSink()
     flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
     channel = flusher._channels[0]
-    for p in _seed_points(100 + PACK_RUN):
-        flusher.emit(p)
+    points = iter(_seed_points(100 + 3 * PACK_RUN + 1))
+
+    def emit(n: int) -> None:
+        for _ in range(n):
+            flusher.emit(next(points))
+
+    emit(100 + PACK_RUN)
     assert channel.packed == 0  # a batch and a run wait: not yet
-    for p in _seed_points(PACK_RUN, start=10_000):
+    emit(1)
+    # The newest run and one, packed; the oldest batch stays plain for the next write.
+    assert channel.packed == PACK_RUN
+    assert len(channel.buffer) == 100 + 1
+    emit(PACK_RUN - 1)
+    assert channel.packed == PACK_RUN  # the next run is not complete
+    emit(1)
+    assert channel.packed == PACK_RUN + PACK_RUN - 1
+    assert flusher.stats()["down"]["buffered"] == 100 + 2 * PACK_RUN + 1
+    await flusher.close()
+
+
+async def test_a_forked_child_packs_its_own_backlog_again() -> None:
+    sink = DownSink()
+    flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
+    channel = flusher._channels[0]
+    for p in _seed_points(1_000):
         flusher.emit(p)
     assert channel.packed > 0
+    flusher._reset_after_fork()  # what a forked child does: the parent sends these
+    assert (channel.packed, len(channel.buffer)) == (0, 0)
+    for p in _seed_points(1_000, start=5_000):
+        flusher.emit(p)
+    assert channel.packed > 0
+    stats = flusher.stats()["down"]
+    assert stats["buffered"] == 1_000
+    _assert_invariant({**stats, "emitted": stats["emitted"] - 1_000})  # the parent's 1,000
     await flusher.close()
 
 

@@ -975,6 +975,21 @@ def test_at_exit_an_unstarted_flusher_sends_what_it_holds_once(
     _drain_unstarted_at_exit()  # closed now: nothing sent twice
     assert holding.written == [1]
 
+    # A flusher passed over (empty, started) does not end the drain: with several of each,
+    # in the WeakSet's arbitrary order, every holding one is still drained.
+    sinks = [ScriptedSink() for _ in range(15)]
+    several = [Flusher([sink], make_policy()) for sink in sinks]
+    for number, flusher in enumerate(several):
+        only_these_flushers.add(flusher)
+        if number % 3:
+            flusher.emit(point(number))
+        if number % 3 == 2:
+            flusher._started = True
+    _drain_unstarted_at_exit()
+    assert [sink.written for sink in sinks] == [
+        [number] if number % 3 == 1 else [] for number in range(15)
+    ]
+
     # A drain that fails is logged, and the next flusher is still drained.
     first, second = ScriptedSink(), ScriptedSink()
     failing, other = Flusher([first], make_policy()), Flusher([second], make_policy())
