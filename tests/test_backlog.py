@@ -176,6 +176,26 @@ async def test_packing_starts_a_run_beyond_a_batch_and_goes_on_run_by_run() -> N
     await flusher.close()
 
 
+async def test_a_run_too_short_to_pack_is_left_plain() -> None:
+    # batch_size 300: the first run is packed after 557 points, behind a plain batch. Once
+    # a write took that batch, the next trigger finds a single plain point beyond a batch.
+    sink = DownSink()
+    flusher = _flusher(sink, batch_size=300, buffer_size=10_000)
+    channel = flusher._channels[0]
+    points = _seed_points(857)
+    for p in points[:557]:
+        flusher.emit(p)
+    assert channel.packed == PACK_RUN
+    assert channel.take(300) == points[:300]
+    for p in points[557:]:
+        flusher.emit(p)
+    stats = flusher.stats()["down"]
+    assert stats["buffered"] == 557
+    assert channel.take(557) == points[300:]
+    assert (channel.packed, len(channel.buffer)) == (0, 0)
+    await flusher.close()
+
+
 async def test_a_forked_child_packs_its_own_backlog_again() -> None:
     sink = DownSink()
     flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
