@@ -24,6 +24,9 @@ __all__ = ["PACK_RUN", "PackedPoints"]
 
 # Points packed at a time (one pass stays well under a millisecond).
 PACK_RUN: Final = 256
+# The layout index of an item kept whole: anything but a plain Point (a subclass carrying
+# more, like the line `lunamon send` forwards as read).
+_WHOLE: Final = 0xFFFF
 
 _Layout = tuple[str, Mapping[str, str], tuple[str, ...], tuple[bool, ...]]
 
@@ -49,7 +52,13 @@ class PackedPoints:
         layout_of = array("H")
         floats = array("d")
         others: list[FieldValue] = []
-        for series, time_ns, tags, fields in points:
+        for point in points:
+            if type(point) is not Point:
+                times.append(0)
+                layout_of.append(_WHOLE)
+                others.append(point)  # type: ignore[arg-type]
+                continue
+            series, time_ns, tags, fields = point
             values = list(fields.values())
             kinds = tuple([type(value) is float for value in values])
             keys = tuple(fields)
@@ -80,7 +89,11 @@ class PackedPoints:
     def popleft(self) -> Point:
         """The oldest point not yet taken, as it was packed."""
         i = self._next
-        series, tags, keys, kinds = self._layouts[self._layout_of[i]]
+        number = self._layout_of[i]
+        if number == _WHOLE:
+            self._next, self._opos = i + 1, self._opos + 1
+            return self._others[self._opos - 1]  # type: ignore[return-value]
+        series, tags, keys, kinds = self._layouts[number]
         fields: dict[str, FieldValue] = {}
         floats, others = self._floats, self._others
         fpos, opos = self._fpos, self._opos
@@ -97,7 +110,11 @@ class PackedPoints:
     def skip(self) -> None:
         """Drop the oldest point not yet taken, without building it."""
         i = self._next
-        kinds = self._layouts[self._layout_of[i]][3]
+        number = self._layout_of[i]
+        if number == _WHOLE:
+            self._next, self._opos = i + 1, self._opos + 1
+            return
+        kinds = self._layouts[number][3]
         floats = sum(kinds)
         self._next, self._fpos, self._opos = (
             i + 1,

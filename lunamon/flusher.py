@@ -171,6 +171,8 @@ class _Channel:
         buffer = self.buffer
         run: list[Point] = []
         limit = min(self.emitted - self.mark, len(buffer) - self.batch_size)
+        if type(buffer[-1]) is not Point:  # not the recorder's: packing would gain nothing
+            limit = 0
         # The run stops at an earlier one (points appended since the last pack may have
         # been taken out already); a run of 0 or 1 point is left plain.
         while len(run) < limit and type(buffer[-1]) is not PackedPoints:

@@ -66,6 +66,35 @@ def test_points_alike_but_for_their_tags_keep_their_own_tags() -> None:
     assert back[1].tags is b
 
 
+class _Carrying(Point):
+    """A point carrying a fifth item, as `lunamon send` forwards a line as read."""
+
+    __slots__ = ()
+
+
+def test_other_kinds_of_points_are_kept_whole_in_a_run() -> None:
+    plain = _seed_points(3)
+    carrying = tuple.__new__(_Carrying, ("request", 7, {"a": "b"}, {"x": 1.5}, "raw line"))
+    points = [plain[0], carrying, plain[1], carrying, plain[2]]
+    packed = PackedPoints(points)
+    assert packed.popleft() == plain[0]
+    assert packed.popleft() is carrying
+    packed.skip()
+    packed.skip()  # a whole one skipped
+    assert packed.popleft() == plain[2]
+    assert len(packed) == 0
+
+
+async def test_a_backlog_of_forwarded_lines_is_left_plain() -> None:
+    sink = DownSink()
+    flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
+    for n in range(1_000):
+        flusher.emit(tuple.__new__(_Carrying, ("request", n, {}, {"x": 1.0}, f"line {n}")))
+    assert flusher._channels[0].packed == 0
+    assert flusher.stats()["down"]["buffered"] == 1_000
+    await flusher.close()
+
+
 def test_skipped_points_are_passed_over_exactly() -> None:
     points = _seed_points(6)
     points[2] = Point("other", 9, {"a": "b"}, {"count": 3, "label": "x"})  # another layout

@@ -33,16 +33,18 @@ def make_points(count: int) -> list[Point]:
 def test_send_file_into_influxdb(
     influxd: InfluxServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # More than a batch and a run wait in the flusher (batches of 500, 3 in flight per
+    # connection): the backlog is packed where it can be, the forwarded lines kept whole.
     db = "lunamon_cli_send"
     path = tmp_path / "points.lp"
-    path.write_bytes(encode_lines(make_points(1234)))
+    path.write_bytes(encode_lines(make_points(12_345)))
     url = f"{influxd.url}/{db}"
     assert main(["send", str(path), "--influx", url, "--batch-size", "500", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "1,234 points from" in out
-    assert "influxdb: 1,234 = 1,234 + 0 + 0  ok; retries 0" in out
+    assert "12,345 points from" in out
+    assert "influxdb: 12,345 = 12,345 + 0 + 0  ok; retries 0" in out
     rows = influxd.rows('SELECT count("execution_time") FROM "request"', db)
-    assert rows[0]["count"] == 1234
+    assert rows[0]["count"] == 12_345
     stored = influxd.rows('SELECT "request_id", "execution_time" FROM "request"', db)
     sent = {
         p.fields["request_id"]: p.fields["execution_time"]
