@@ -109,7 +109,8 @@ class _Channel:
         # runs beyond the one entry each takes in the deque).
         self.buffer: deque[Point | PackedPoints] = deque()
         self.packed = 0
-        # Pack the points appended since `mark` (an `emitted` count) once this many wait.
+        # While the sink fails, pack the points appended since `mark` (an `emitted` count)
+        # once this many wait. A sink that keeps up, or only lags, never pays for it.
         self.pack_at = policy.batch_size + PACK_RUN
         self.mark = 0
         self.buffer_size = policy.buffer_size
@@ -271,8 +272,12 @@ class Flusher:
                 channel.dropped["overflow"] += 1
             buffer.append(point)
             if size >= channel.wake_at:
-                if size >= channel.pack_at and channel.emitted - channel.mark >= PACK_RUN:
-                    channel.pack()  # a sink this far behind: keep what waits compact
+                if (
+                    size >= channel.pack_at
+                    and channel.attempts  # the batch in flight failed: the sink is down
+                    and channel.emitted - channel.mark >= PACK_RUN
+                ):
+                    channel.pack()  # keep what waits behind it compact
                 if not channel.backing_off and channel.wake:
                     channel.wake.set()
 

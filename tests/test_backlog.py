@@ -87,11 +87,11 @@ def test_other_kinds_of_points_are_kept_whole_in_a_run() -> None:
 
 async def test_a_backlog_of_forwarded_lines_is_left_plain() -> None:
     sink = DownSink()
-    flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
+    flusher = await _failing(sink, batch_size=100, buffer_size=10_000)
     for n in range(1_000):
         flusher.emit(tuple.__new__(_Carrying, ("request", n, {}, {"x": 1.0}, f"line {n}")))
     assert flusher._channels[0].packed == 0
-    assert flusher.stats()["down"]["buffered"] == 1_000
+    assert flusher.stats()["down"]["buffered"] == 1_001
     await flusher.close()
 
 
@@ -132,6 +132,15 @@ def _flusher(sink: DownSink, **settings: Any) -> Flusher:
     return Flusher([sink], MonitoringSettings(max_retries=10**6, **settings).flush_policy())
 
 
+async def _failing(sink: DownSink, **settings: Any) -> Flusher:
+    """A flusher whose sink is down: one point in flight, its write failed once."""
+    flusher = _flusher(sink, **settings)
+    flusher.emit(Point("request", 1, {}, {"execution_time": 0.5}))
+    await flusher.flush()
+    assert flusher._channels[0].attempts == 1
+    return flusher
+
+
 async def test_a_backlog_is_packed_and_delivered_exactly_once_in_order() -> None:
     sink = DownSink()
     flusher = _flusher(sink, batch_size=50, buffer_size=2_000)
@@ -165,6 +174,16 @@ async def test_a_backlog_is_packed_and_delivered_exactly_once_in_order() -> None
     await flusher.close()
 
 
+async def test_a_sink_that_lags_without_failing_is_never_packed() -> None:
+    sink = DownSink()
+    sink.up = True
+    flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
+    for p in _seed_points(2_000):
+        flusher.emit(p)  # no write yet: far more than a batch and a run wait
+    assert flusher._channels[0].packed == 0
+    await flusher.close()
+
+
 async def test_a_sink_that_keeps_up_never_sees_a_packed_point() -> None:
     sink = DownSink()
     sink.up = True
@@ -183,7 +202,7 @@ async def test_a_sink_that_keeps_up_never_sees_a_packed_point() -> None:
 
 async def test_packing_starts_a_run_beyond_a_batch_and_goes_on_run_by_run() -> None:
     sink = DownSink()
-    flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
+    flusher = await _failing(sink, batch_size=100, buffer_size=10_000)
     channel = flusher._channels[0]
     points = iter(_seed_points(100 + 3 * PACK_RUN + 1))
 
@@ -201,7 +220,7 @@ async def test_packing_starts_a_run_beyond_a_batch_and_goes_on_run_by_run() -> N
     assert channel.packed == PACK_RUN  # the next run is not complete
     emit(1)
     assert channel.packed == PACK_RUN + PACK_RUN - 1
-    assert flusher.stats()["down"]["buffered"] == 100 + 2 * PACK_RUN + 1
+    assert flusher.stats()["down"]["buffered"] == 1 + 100 + 2 * PACK_RUN + 1  # 1 in flight
     await flusher.close()
 
 
@@ -209,7 +228,7 @@ async def test_a_run_too_short_to_pack_is_left_plain() -> None:
     # batch_size 300: the first run is packed after 557 points, behind a plain batch. Once
     # a write took that batch, the next trigger finds a single plain point beyond a batch.
     sink = DownSink()
-    flusher = _flusher(sink, batch_size=300, buffer_size=10_000)
+    flusher = await _failing(sink, batch_size=300, buffer_size=10_000)
     channel = flusher._channels[0]
     points = _seed_points(857)
     for p in points[:557]:
@@ -219,7 +238,7 @@ async def test_a_run_too_short_to_pack_is_left_plain() -> None:
     for p in points[557:]:
         flusher.emit(p)
     stats = flusher.stats()["down"]
-    assert stats["buffered"] == 557
+    assert stats["buffered"] == 557 + 1  # and the one in flight
     assert channel.take(557) == points[300:]
     assert (channel.packed, len(channel.buffer)) == (0, 0)
     await flusher.close()
@@ -227,19 +246,21 @@ async def test_a_run_too_short_to_pack_is_left_plain() -> None:
 
 async def test_a_forked_child_packs_its_own_backlog_again() -> None:
     sink = DownSink()
-    flusher = _flusher(sink, batch_size=100, buffer_size=10_000)
+    flusher = await _failing(sink, batch_size=100, buffer_size=10_000)
     channel = flusher._channels[0]
     for p in _seed_points(1_000):
         flusher.emit(p)
     assert channel.packed > 0
     flusher._reset_after_fork()  # what a forked child does: the parent sends these
     assert (channel.packed, len(channel.buffer)) == (0, 0)
+    flusher.emit(Point("request", 1, {}, {"execution_time": 0.5}))
+    await flusher.flush()  # the child's own sink is down too
     for p in _seed_points(1_000, start=5_000):
         flusher.emit(p)
     assert channel.packed > 0
     stats = flusher.stats()["down"]
-    assert stats["buffered"] == 1_000
-    _assert_invariant({**stats, "emitted": stats["emitted"] - 1_000})  # the parent's 1,000
+    assert stats["buffered"] == 1_001
+    _assert_invariant({**stats, "emitted": stats["emitted"] - 1_001})  # the parent's 1,001
     await flusher.close()
 
 
@@ -247,7 +268,7 @@ async def test_buffered_points_behind_a_dead_sink_take_under_400_bytes_each() ->
     # BENCHMARKS.md section 5: 100,000 buffered seed points in 40 MB. Measured here for
     # 20,000 with tracemalloc: what the buffer holds, not the interpreter around it.
     sink = DownSink()
-    flusher = _flusher(sink, batch_size=500, buffer_size=20_000)
+    flusher = await _failing(sink, batch_size=500, buffer_size=20_000)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -257,7 +278,7 @@ async def test_buffered_points_behind_a_dead_sink_take_under_400_bytes_each() ->
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert flusher.stats()["down"]["buffered"] == 20_000
+    assert flusher.stats()["down"]["buffered"] == 20_000  # one in flight, one overflowed
     assert flusher._channels[0].packed > 15_000
     assert used / 20_000 < 400, f"{used / 20_000:.0f} bytes a point"
     await flusher.close()
