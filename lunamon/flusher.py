@@ -104,9 +104,9 @@ class _Channel:
     def __init__(self, sink: Sink, name: str, policy: FlushPolicy) -> None:
         self.sink = sink
         self.name = name
-        # Points, and runs of older points packed (PackedPoints) while more than a batch
-        # waits: len(buffer) + packed points are buffered (packed: the points inside the
-        # runs beyond the one entry each takes in the deque).
+        # Points, and runs of points packed (PackedPoints) while the sink fails and more
+        # than a batch waits: len(buffer) + packed points are buffered (packed: the points
+        # inside the runs beyond the one entry each takes in the deque).
         self.buffer: deque[Point | PackedPoints] = deque()
         self.packed = 0
         # While the sink fails, pack the points appended since `mark` (an `emitted` count)
