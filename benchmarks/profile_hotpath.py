@@ -35,14 +35,12 @@ from aiohttp.test_utils import make_mocked_request
 import lunamon
 from benchmarks._common import (
     PYTHON,
-    REPO,
     SEED_PATH_TEMPLATE,
     SERVICE,
     RequestDriver,
     base_parser,
     fmt_float,
     fmt_int,
-    free_port,
     markdown_table,
 )
 from benchmarks._server import EncodingSink, build_app, hello
@@ -369,29 +367,15 @@ def _py_spy() -> str:
 
 def pyspy_rows(seconds: int, rate: int) -> list[Row]:
     """Sample the lunamon middleware server under wrk; µs per request by lunamon function."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}{PATH}"
     with tempfile.TemporaryDirectory(prefix="lunamon-pyspy-") as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text('wrk.method = "POST"\n')
         raw = Path(tmp) / "stacks.txt"
-        server = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "benchmarks._server",
-                "--variant",
-                "lunamon_middleware",
-                "--port",
-                str(port),
-            ],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        server = Server("lunamon_middleware", Path(tmp))
+        url = server.url
         try:
+            server.wait_ready()
             wrk = ["wrk", "-t1", "-c32", "-s", str(script)]
-            time.sleep(1.5)
             subprocess.run([*wrk, "-d2s", url], capture_output=True, check=True, timeout=60)  # warm
             spy = subprocess.Popen(
                 [
@@ -407,7 +391,7 @@ def pyspy_rows(seconds: int, rate: int) -> list[Row]:
                     "-o",
                     str(raw),
                     "--pid",
-                    str(server.pid),
+                    str(server.proc.pid),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -417,8 +401,7 @@ def pyspy_rows(seconds: int, rate: int) -> list[Row]:
             )
             spy.wait(seconds + 60)
         finally:
-            server.terminate()
-            server.wait(20)
+            server.stop()
         match = re.search(r"([0-9]+) requests in", load.stdout)
         requests = int(match.group(1)) if match else 0
         counts: collections.Counter[str] = collections.Counter()

@@ -135,6 +135,54 @@ def _settings_table() -> list[str]:
     return lines
 
 
+# One example per built-in sink: a file's table and the same sink built in code. A test
+# loads every table and builds its sink, so an example cannot name a missing option.
+SINK_EXAMPLES: dict[str, dict[str, Any]] = {
+    "clickhouse": {
+        "url": "https://clickhouse.internal:8443",
+        "username": "luna",
+        "password_env": "CLICKHOUSE_PASSWORD",
+    },
+    "file": {"path": "/var/log/luna/points.lp", "fsync": False},
+    "influxdb": {
+        "host": "influxdb.internal",
+        "ssl": True,
+        "database": "luna_monitoring",
+        "username": "luna",
+        "password_env": "INFLUX_PASSWORD",
+        "gzip": True,
+    },
+    "influxdb_v2": {
+        "url": "https://influxdb3.internal:8181",
+        "org": "",
+        "bucket": "luna_monitoring",
+        "token_env": "INFLUX_TOKEN",
+    },
+    "log": {"event": "request_point", "level": "debug"},
+    "memory": {"name": "captured"},
+}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _sink_example(type_name: str, class_name: str) -> list[str]:
+    options = SINK_EXAMPLES[type_name]
+    table = ["[[monitoring.sinks]]", f'type = "{type_name}"']
+    table += [f"{key} = {_toml_value(value)}" for key, value in options.items()]
+    code = [f"sink = lunamon.{class_name}("]
+    for key, value in options.items():
+        if key.endswith("_env"):
+            code.append(f'    {key[: -len("_env")]}=os.environ["{value}"],')
+        else:
+            code.append(f"    {key}={value!r},".replace("'", '"'))
+    code += [")", "lunamon.setup(app, service=..., sinks=[sink])"]
+    return ["```toml", *table, "```", "", "```python", *code, "```", ""]
+
+
 def _sink_section(type_name: str) -> list[str]:
     factory = load_sink_type(type_name)
     docs = dict(_PARAM.findall(inspect.getdoc(factory) or ""))
@@ -153,7 +201,7 @@ def _sink_section(type_name: str) -> list[str]:
         default = "required" if param.default is param.empty else f"`{param.default!r}`"
         kind = str(param.annotation).replace("|", "\\|")
         lines.append(f"| `{param.name}` | `{kind}` | {default} | {docs[param.name]} |")
-    return [*lines, ""]
+    return [*lines, "", *_sink_example(type_name, factory.__name__)]
 
 
 def _markdown(text: str) -> str:

@@ -18,7 +18,7 @@ from lunamon._recorder import ErrorCodeGetter, RequestRecorder
 from lunamon.collector import current
 from lunamon.errors import SettingsError
 from lunamon.monitoring import Monitoring
-from lunamon.settings import ENV_PREFIX, MonitoringSettings
+from lunamon.settings import ENV_PREFIX, MonitoringSettings, SinkSettings
 from lunamon.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -39,6 +39,17 @@ def _find_recorder(request: web.Request) -> RequestRecorder | None:
     return recorder
 
 
+def _call_through(
+    func: Callable[..., Awaitable[web.StreamResponse]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    _request: web.Request,
+) -> Awaitable[web.StreamResponse]:
+    """``func`` called with its own arguments, as the recorder calls a handler (with the
+    request): bound with :func:`functools.partial` for a view method or extra arguments."""
+    return func(*args, **kwargs)
+
+
 def _monitored(func: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
     """``func`` (a handler function or a ``web.View`` method) run as a monitored request.
 
@@ -57,7 +68,7 @@ def _monitored(func: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
             return await func(*args, **kwargs)
         if plain_call:
             return await recorder.run(request, func)
-        return await recorder.run(request, lambda _request: func(*args, **kwargs))
+        return await recorder.run(request, functools.partial(_call_through, func, args, kwargs))
 
     # functools.wraps called, not used as a decorator: mutmut mutates undecorated code only.
     return functools.wraps(func)(monitored_handler)
@@ -100,7 +111,7 @@ def setup(
     app: web.Application,
     *,
     settings: MonitoringSettings | Mapping[str, Any] | None = None,
-    sinks: Iterable[Sink] | None = None,
+    sinks: Iterable[Sink | Mapping[str, Any] | SinkSettings] | None = None,
     middleware: bool = True,
     error_code: ErrorCodeGetter | None = None,
     **options: Any,
@@ -112,8 +123,9 @@ def setup(
     ``exclude``, ``flush_interval``, ...: docs/configuration.md), checked as
     a file's are (``None`` means not given). They win over ``settings``: a
     :class:`MonitoringSettings`, or a mapping shaped like the section; without
-    it the ``LUNAMON_*`` variables are read. ``sinks`` are sink objects, used
-    instead of the configured ones; with neither, points go to an InfluxDB 1.x
+    it the ``LUNAMON_*`` variables are read. ``sinks`` are sink objects, or sink
+    tables as a file has them (``{"type": "influxdb", "url": ...}``, checked as a
+    file's are), used instead of the configured ones; with neither, points go to an InfluxDB 1.x
     at ``localhost:8086``, database ``luna_monitoring`` (LUNA's default).
     ``error_code(request, response_or_exception)`` supplies an error code when
     neither the exception nor a JSON body has one. Sinks start on app startup
@@ -126,6 +138,7 @@ def setup(
     if error_code is not None and not callable(error_code):
         raise TypeError("error_code= takes a callable (request, response_or_exception) -> int")
     options = {key: value for key, value in options.items() if value is not None}
+    sinks, options = _sink_objects(sinks, options)
     config = _base_settings(settings, options)
     if options:
         config = config.replace(**options)
@@ -163,6 +176,21 @@ def setup(
 
     app.cleanup_ctx.append(lunamon_lifecycle)
     return monitoring
+
+
+def _sink_objects(
+    sinks: Iterable[Any] | None, options: dict[str, Any]
+) -> tuple[list[Sink] | None, dict[str, Any]]:
+    """Sink objects as they are; sink tables go with the options, to be checked as a file's."""
+    if sinks is None:
+        return None, options
+    items = list(sinks)
+    tables = [item for item in items if isinstance(item, (Mapping, SinkSettings))]
+    if not tables:
+        return items, options
+    if len(tables) < len(items):
+        raise TypeError("sinks= takes sink objects or sink tables (mappings), not both")
+    return None, {**options, "sinks": tables}
 
 
 def _metrics_sink(config: MonitoringSettings) -> MetricsSink:

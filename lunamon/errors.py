@@ -4,14 +4,15 @@
   ``LUNAMON_*``); the message names the source and the key, never a secret.
 - :class:`SinkError` and :class:`BatchTooLarge`: a failed write, classified so
   that the flusher knows whether to retry, split or drop it.
-- :class:`LineProtocolError`: a line that is not valid line protocol.
+- :class:`LineProtocolError`: a line that is not valid line protocol, and
+  :class:`NotTextError` for input that is not UTF-8 text at all.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["BatchTooLarge", "LineProtocolError", "SettingsError", "SinkError"]
+__all__ = ["BatchTooLarge", "LineProtocolError", "NotTextError", "SettingsError", "SinkError"]
 
 # How much of a server's error text is kept: InfluxDB echoes whole offending lines.
 MAX_SERVER_TEXT: Final = 1024
@@ -69,3 +70,11 @@ class BatchTooLarge(SinkError):
 
 class LineProtocolError(ValueError):
     """A line that is not valid line protocol; says which line and why."""
+
+
+class NotTextError(LineProtocolError):
+    """The input is not UTF-8 text; ``offset`` is the first bad byte."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"not UTF-8 text: byte {offset}")
+        self.offset = offset

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
 from typing import Final, Protocol
 
-from lunamon.errors import LineProtocolError
+from lunamon.errors import LineProtocolError, NotTextError
 from lunamon.point import FieldValue, Point, TagSet
 
 __all__ = [
@@ -215,14 +215,6 @@ def iter_line_protocol(lines: Iterable[str], start: int = 1) -> Iterator[Point]:
     batches = ([line[:-1] if line.endswith("\n") else line] for line in lines)
     for record in _records(batches, start, _Caches()):
         yield to_point(record)
-
-
-class NotTextError(LineProtocolError):
-    """The input is not UTF-8 text; ``offset`` is the first bad byte."""
-
-    def __init__(self, offset: int) -> None:
-        super().__init__(f"not UTF-8 text: byte {offset}")
-        self.offset = offset
 
 
 class Head:

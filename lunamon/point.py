@@ -10,6 +10,7 @@ unless a special character is present.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -231,8 +232,6 @@ async def encode_lines_async(points: list[Point] | tuple[Point, ...], chunk: int
     go would stall every request the loop serves meanwhile. 100 points take well
     under a millisecond, which keeps the loop's lag p99 below 5 ms under load.
     """
-    import asyncio
-
     if len(points) <= chunk:
         return encode_lines(points)
     parts = []

@@ -207,3 +207,96 @@ def test_help_shows_no_environment_value(monkeypatch: pytest.MonkeyPatch) -> Non
     text = pydoc.render_doc(lunamon) + pydoc.render_doc(lunamon.settings)
     assert "s3cr3t-in-the-environment" not in text
     assert "InfluxDBSink" in text  # every sink is part of the public face
+
+
+def test_sink_tables_are_taken_and_refused_alike_by_a_file_and_setup(tmp_path: Path) -> None:
+    log = tmp_path / "points.lp"
+    path = tmp_path / "service.toml"
+    path.write_text(
+        f'[monitoring]\nservice = "svc"\n[[monitoring.sinks]]\ntype = "file"\npath = "{log}"\n'
+    )
+    table = {"type": "file", "path": str(log)}
+    from_file = MonitoringSettings.load(path, env={}).sinks
+    from_setup = lunamon.setup(web.Application(), service="svc", sinks=[table])
+    assert from_setup.settings.sinks == from_file
+    # Built from the table, as a file's would be.
+    assert [type(sink).__name__ for sink in from_setup.sinks] == ["LineProtocolFileSink"]
+
+    path.write_text(
+        '[monitoring]\nservice = "svc"\n[[monitoring.sinks]]\ntype = "file"\nmode = 1\n'
+    )
+    with pytest.raises(SettingsError) as from_file_error:
+        MonitoringSettings.load(path, env={})
+    with pytest.raises(SettingsError, match=r"^setup\(\): sinks\[0\]") as from_setup_error:
+        lunamon.setup(web.Application(), service="svc", sinks=[{"type": "file", "mode": 1}])
+    assert from_setup_error.value.problem == from_file_error.value.problem
+
+
+def test_setup_refuses_sink_objects_mixed_with_tables() -> None:
+    with pytest.raises(TypeError, match="not both"):
+        lunamon.setup(
+            web.Application(), service="svc", sinks=[lunamon.MemorySink(), {"type": "memory"}]
+        )
+
+
+def test_every_setting_has_a_spec_and_the_reverse() -> None:
+    from dataclasses import fields
+
+    assert list(_SPECS) == [f.name for f in fields(MonitoringSettings) if f.init]
+
+
+PUBLIC = (
+    "InfluxDBSink",
+    "InfluxDBV2Sink",
+    "ClickHouseSink",
+    "LineProtocolFileSink",
+    "LogSink",
+    "MemorySink",
+    "BaseRequestMonitoringPlugin",
+)
+INTERNAL = (
+    "RequestRecorder",
+    "validate_key",
+    "validate_tag_value",
+    "mask_secrets",
+    "redact",
+    "Secret",
+)
+
+
+def test_the_public_face_has_every_sink_and_no_internals() -> None:
+    import pydoc
+
+    text = pydoc.render_doc(lunamon, renderer=pydoc.plaintext)  # type: ignore[attr-defined]
+    for name in PUBLIC:
+        assert name in lunamon.__all__
+        assert f"class {name}" in text
+    for name in INTERNAL:
+        assert not hasattr(lunamon, name), name
+    import lunamon.sinks._http as http
+
+    assert not hasattr(http, "__all__")  # a private module lists no API
+
+
+def test_every_sink_example_of_the_reference_loads_and_builds(tmp_path: Path) -> None:
+    from lunamon._reference import SINK_EXAMPLES, _sink_example
+    from lunamon.sinks.registry import BUILTIN_SINKS
+
+    assert set(SINK_EXAMPLES) == set(BUILTIN_SINKS)
+    env = {"CLICKHOUSE_PASSWORD": "pw", "INFLUX_PASSWORD": "pw", "INFLUX_TOKEN": "tok"}
+    for type_name, options in SINK_EXAMPLES.items():
+        text = "\n".join(_sink_example(type_name, "Sink"))
+        table = text.split("```toml\n", 1)[1].split("```", 1)[0]
+        path = tmp_path / f"{type_name}.toml"
+        here = str(tmp_path)
+        path.write_text(f'[monitoring]\nservice = "svc"\n{table}'.replace("/var/log/luna", here))
+        settings = MonitoringSettings.load(path, env=env)
+        assert [s.type for s in settings.sinks] == [type_name]
+        (sink,) = settings.build_sinks(web.Application())
+        # The code example gives the same sink as the table (the sinks' reprs show their options).
+        code = text.split("```python\n", 1)[1].split("```", 1)[0]
+        namespace: dict[str, Any] = {"os": type("os", (), {"environ": env}), "lunamon": lunamon}
+        code = code.split("\nlunamon.setup", 1)[0].replace("/var/log/luna", here)
+        exec(code.replace("lunamon.Sink(", f"lunamon.{type(sink).__name__}("), namespace)
+        assert repr(namespace["sink"]) == repr(sink), type_name
+        assert options  # each example shows at least one option

@@ -607,6 +607,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lunamon.settings import MonitoringSettings
+
+    defaults = MonitoringSettings()  # the library's own, defined once
+
     parser = _Parser(
         prog="lunamon",
         description="lunamon: per-request monitoring for aiohttp services, points to InfluxDB.",
@@ -693,9 +697,17 @@ def _parser() -> argparse.ArgumentParser:
     into.add_argument("--influx", metavar="URL", help="http://[user:pass@]host:8086/database")
     into.add_argument("--clickhouse", metavar="URL", help="http://[user:pass@]host:8123[/database]")
     send.add_argument("--database", metavar="DB", help="the database (or as the URL's path)")
-    send.add_argument("--batch-size", type=_positive_int, default=5000, help="default 5000")
     send.add_argument(
-        "--max-retries", type=_count, default=10, help="retries of one batch (default 10)"
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.batch_size,
+        help=f"default {defaults.batch_size}",
+    )
+    send.add_argument(
+        "--max-retries",
+        type=_count,
+        default=defaults.max_retries,
+        help=f"retries of one batch (default {defaults.max_retries})",
     )
     send.add_argument(
         "--connections",

@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 
 from lunamon.cli.influxql import parse_duration
-from lunamon.cli.send import deliver
+from lunamon.cli.send import BATCH_SIZE, MAX_RETRIES, deliver
 from lunamon.flusher import SinkStats
 from lunamon.point import FieldValue, Point
 from lunamon.sinks._http import classify_exception, read_error_body, truncate
@@ -333,8 +333,8 @@ async def send_points(
     points: Sequence[Point],
     target: ClickHouseTarget,
     *,
-    batch_size: int = 5000,
-    max_retries: int = 10,
+    batch_size: int = BATCH_SIZE,
+    max_retries: int = MAX_RETRIES,
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, SinkStats]:
     """Write ``points`` to ``target`` through a :class:`Monitoring` (batches, retries,

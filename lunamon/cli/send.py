@@ -22,7 +22,7 @@ from lunamon.cli.influxql import InfluxTarget, ping
 from lunamon.flusher import SinkStats
 from lunamon.lineprotocol import Record
 from lunamon.monitoring import Monitoring
-from lunamon.point import Point
+from lunamon.point import FieldValue, Point
 from lunamon.settings import MonitoringSettings
 from lunamon.sinks._http import compress
 from lunamon.sinks.base import Sink, sink_name
@@ -30,6 +30,10 @@ from lunamon.sinks.influxdb import InfluxDBSink
 
 __all__ = ["deliver", "forwarded", "send_points"]
 
+# The command line sends with the library's own defaults (defined once, in settings).
+_DEFAULTS: Final = MonitoringSettings()
+BATCH_SIZE: Final = _DEFAULTS.batch_size
+MAX_RETRIES: Final = _DEFAULTS.max_retries
 WINDOW: Final = 3  # batches buffered per connection at most: the reader waits beyond
 _YIELD_EVERY: Final = 256  # points read between two turns of the event loop (~1 ms)
 
@@ -38,8 +42,8 @@ async def send_points(
     points: Iterable[Point],
     target: InfluxTarget,
     *,
-    batch_size: int = 5000,
-    max_retries: int = 10,
+    batch_size: int = BATCH_SIZE,
+    max_retries: int = MAX_RETRIES,
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, SinkStats]:
     """Write ``points`` to ``target``; returns the stats (per sink name, as
@@ -61,6 +65,18 @@ class _Line(Point):
 
     __slots__ = ()
 
+    @classmethod
+    def of(
+        cls,
+        series: str,
+        time_ns: int,
+        tags: dict[str, str],
+        fields: dict[str, FieldValue],
+        line: str,
+    ) -> _Line:
+        """The reader's checked parts and their line (no checks, as :meth:`Point.trusted`)."""
+        return tuple.__new__(cls, (series, time_ns, tags, fields, line))
+
     def to_line_protocol(self) -> str:
         return self[4]  # type: ignore[no-any-return]
 
@@ -73,7 +89,7 @@ def forwarded(records: Iterable[Record]) -> Iterator[Point]:
             continue
         head, shape, groups, floats, time_ns, line = record
         fields = shape.fields(groups, floats)
-        yield tuple.__new__(_Line, (head.series, time_ns, head.tags, fields, line))
+        yield _Line.of(head.series, time_ns, head.tags, fields, line)
 
 
 def _body(points: Sequence[Point]) -> bytes:
@@ -113,8 +129,8 @@ async def deliver(
     points: Iterable[Point],
     sink: Sink | Sequence[Sink],
     *,
-    batch_size: int = 5000,
-    max_retries: int = 10,
+    batch_size: int = BATCH_SIZE,
+    max_retries: int = MAX_RETRIES,
     on_progress: Callable[[int], None] | None = None,
     window: int = WINDOW,
 ) -> dict[str, SinkStats]:

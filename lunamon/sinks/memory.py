@@ -21,6 +21,9 @@ class MemorySink:
         self.started = False
         self.closed = False
 
+    def __repr__(self) -> str:
+        return f"MemorySink(name={self.name!r}, points={len(self.points)})"
+
     async def start(self) -> None:
         self.started = True
 
