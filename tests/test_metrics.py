@@ -57,6 +57,8 @@ async def drive(client: TestClient[web.Request, web.Application]) -> None:
     for _ in range(2):
         assert (await client.get("/missing")).status == 404
     assert (await client.post("/fail")).status == 400
+    for i in range(5):  # no route: one series for all of them, whatever the path
+        assert (await client.get(f"/no/such/{i}")).status == 404
     await client.app[lunamon.MONITORING_KEY].flush()
 
 
@@ -74,12 +76,21 @@ async def test_luna_counters_and_histogram(aiohttp_client: ClientFactory) -> Non
         (s.labels["path"], s.labels["status_code"]): s.value
         for s in samples(text, "request_count_total")
     }
-    assert counts == {("GET:/ok", "200"): 5, ("GET:/missing", "404"): 2, ("POST:/fail", "400"): 1}
+    assert counts == {
+        ("GET:/ok", "200"): 5,
+        ("GET:/missing", "404"): 2,
+        ("POST:/fail", "400"): 1,
+        ("GET:<unmatched>", "404"): 5,
+    }
     errors = {
         (s.labels["path"], s.labels["error_code"]): s.value
         for s in samples(text, "errors_count_total")
     }
-    assert errors == {("GET:/missing", "0"): 2, ("POST:/fail", "7"): 1}
+    assert errors == {
+        ("GET:/missing", "0"): 2,
+        ("POST:/fail", "7"): 1,
+        ("GET:<unmatched>", "0"): 5,
+    }
     assert all(s.labels["datacenter"] == "eu-1" for s in samples(text, "request_count_total"))
     buckets = [s for s in samples(text, "requests_bucket") if s.labels["path"] == "GET:/ok"]
     assert [float(s.labels["le"]) for s in buckets] == [*LUNA_BUCKETS, float("inf")]
@@ -203,6 +214,7 @@ async def test_a_real_prometheus_scrapes_counts_quantiles_and_exemplars(
 async def test_two_gunicorn_workers_one_scrape_counts_both(influxd: Any, tmp_path: Any) -> None:
     """With multiprocess_dir, whichever worker answers the scrape counts every request."""
     import asyncio
+    import json
     import os
     import signal
     import subprocess
@@ -230,23 +242,41 @@ async def test_two_gunicorn_workers_one_scrape_counts_both(influxd: Any, tmp_pat
     ]  # fmt: skip
     proc = _popen(argv, env)
     base = f"http://127.0.0.1:{port}"
-    served = 0
+    sent = 0
     try:
-        connector = aiohttp.TCPConnector(force_close=True)  # a connection each: both workers
+        connector = aiohttp.TCPConnector(force_close=True)  # a connection each request
         async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def hello() -> None:
+                nonlocal sent
+                sent += 1
+                async with session.get(base + "/hello") as response:
+                    assert response.status == 200
+
             deadline = time.monotonic() + 30
             while True:  # gunicorn up
                 assert proc.poll() is None, "gunicorn exited while starting"
                 try:
-                    async with session.get(base + "/hello") as response:
-                        served += response.status == 200
-                        break
+                    await hello()
+                    break
                 except aiohttp.ClientConnectionError:
+                    sent -= 1  # refused: never reached a worker
                     assert time.monotonic() < deadline, "gunicorn did not start"
                     await asyncio.sleep(0.05)
-            for _ in range(199):
-                async with session.get(base + "/hello") as response:
-                    served += response.status == 200
+
+            def snapshots() -> list[Path]:
+                return sorted(metrics_dir.glob("lunamon-metrics-*.json"))
+
+            # The kernel may hand every connection to one worker (the other may still be
+            # booting): send bursts of concurrent requests until both have flushed a
+            # snapshot file, however many that takes, within bounds.
+            deadline = time.monotonic() + 30
+            while len(snapshots()) < 2:
+                one_worker = f"after {sent} requests, a snapshot of one worker only"
+                assert time.monotonic() < deadline, one_worker
+                assert sent < 10_000, one_worker
+                await asyncio.gather(*(hello() for _ in range(20)))
+                await asyncio.sleep(0.05)
 
             async def scraped() -> float:
                 async with session.get(base + "/metrics") as response:
@@ -254,10 +284,20 @@ async def test_two_gunicorn_workers_one_scrape_counts_both(influxd: Any, tmp_pat
                 return float(sum(s.value for s in samples(text, "request_count_total")))
 
             deadline = time.monotonic() + 20
-            while (total := await scraped()) != served:
-                assert time.monotonic() < deadline, f"scrape counts {total}, served {served}"
+            while (total := await scraped()) != sent:
+                assert time.monotonic() < deadline, f"scrape counts {total}, sent {sent}"
                 await asyncio.sleep(0.1)
-        assert len(list(metrics_dir.glob("lunamon-metrics-*.json"))) == 2  # both workers
+        # Both workers served some of them (the scrape above added both up).
+
+        def per_worker() -> list[int]:
+            return [sum(n for *_, n in json.loads(p.read_text())["requests"]) for p in snapshots()]
+
+        deadline = time.monotonic() + 20  # the scraped worker's own file may trail its store
+        while sum(counts := per_worker()) != sent:
+            assert time.monotonic() < deadline, f"snapshot files count {counts}, sent {sent}"
+            await asyncio.sleep(0.1)
+        assert len(counts) == 2
+        assert all(n > 0 for n in counts)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
