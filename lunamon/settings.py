@@ -855,10 +855,13 @@ class MonitoringSettings:
             )
             return settings
         # Name the key as the user wrote it: the file's key path or the variable.
-        head, bracket, rest = (error.key or "").partition("[")
-        head, dot, tail = head.partition(".")
-        where = labels.get(head, f"monitoring.{head}") + bracket + rest + dot + tail
-        raise error.relabel(key=where, source=source)
+        head, rest = _split_key(error.key or "")
+        where = labels.get(head, f"monitoring.{head}")
+        if head == "metrics" and rest.startswith("."):
+            sub, sub_rest = _split_key(rest[1:])
+            if f"metrics_{sub}" in labels:  # set by LUNAMON_METRICS_<SUB>
+                where, rest = labels[f"metrics_{sub}"], sub_rest
+        raise error.relabel(key=where + rest, source=source)
 
     # ----------------------------------------------------------------- use
 
@@ -880,6 +883,12 @@ class MonitoringSettings:
         return FlushPolicy(
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(FlushPolicy)}
         )
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """``key``'s first part and the rest, split at whichever of ``.`` or ``[`` comes first."""
+    cut = min((i for i in (key.find("."), key.find("[")) if i >= 0), default=len(key))
+    return key[:cut], key[cut:]
 
 
 def _unknown(key: object, known: Iterable[str]) -> str:

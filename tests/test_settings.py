@@ -1256,6 +1256,56 @@ def test_metrics_variables_override_the_file_table_key_by_key() -> None:
     )
 
 
+def test_a_bad_bucket_bound_is_named_after_the_list_not_the_table(tmp_path: Path) -> None:
+    # The item's index belongs to buckets, not to [monitoring.metrics].
+    path = write(tmp_path, "lunamon.toml", "[monitoring.metrics]\nbuckets = [0.1, -1]\n")
+    from_file = settings_error(lambda: MonitoringSettings.load(path, env=None))
+    assert (from_file.source, from_file.key) == (str(path), "monitoring.metrics.buckets[1]")
+    assert str(from_file) == (
+        f"{path}: monitoring.metrics.buckets[1]: must be a finite number of seconds > 0, got -1"
+    )
+    from_mapping = settings_error(
+        lambda: MonitoringSettings.from_mapping({"metrics": {"buckets": [0.1, "x"]}})
+    )
+    assert from_mapping.key == "monitoring.metrics.buckets[1]"
+    assert str(from_mapping) == (
+        "<mapping>: monitoring.metrics.buckets[1]: expected a number of seconds, got string 'x'"
+    )
+
+
+def test_a_bad_bucket_bound_in_the_variable_names_the_variable_and_the_item() -> None:
+    env = {"LUNAMON_METRICS_BUCKETS": "0.1,-1"}
+    # Alone, and replacing the buckets of the file's table: the error is the variable's.
+    for table in ({}, {"buckets": [1, 2]}):
+        error = settings_error(
+            lambda t=table: MonitoringSettings.from_mapping({"metrics": t}, env=env)  # type: ignore[misc]
+        )
+        assert (error.key, error.problem) == (
+            "environment variable LUNAMON_METRICS_BUCKETS[1]",
+            "must be a finite number of seconds > 0, got -1.0",
+        )
+    assert str(settings_error(lambda: MonitoringSettings.from_env(env))) == (
+        "<environment>: environment variable LUNAMON_METRICS_BUCKETS[1]:"
+        " must be a finite number of seconds > 0, got -1.0"
+    )
+
+
+def test_metrics_errors_name_the_variable_only_for_what_it_set() -> None:
+    env = {"LUNAMON_METRICS_BUCKETS": "1,0.5", "LUNAMON_METRICS_PATH": "/m"}
+    unordered = settings_error(lambda: MonitoringSettings.from_env(env))
+    assert (unordered.key, unordered.problem) == (
+        "environment variable LUNAMON_METRICS_BUCKETS",
+        "bounds must increase strictly, got [1.0, 0.5]",
+    )
+    table = {"port": -1}  # the file's mistake beside a good variable
+    port = settings_error(
+        lambda: MonitoringSettings.from_mapping(
+            {"metrics": table}, env={"LUNAMON_METRICS_BUCKETS": "0.1,1"}
+        )
+    )
+    assert (port.key, port.problem) == ("monitoring.metrics.port", "must be >= 0, got -1")
+
+
 def test_only_metrics_variables_reach_the_metrics_settings(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
