@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+# setup.py builds lunamon._speedups (the compiled encoder) into the tree: rebuilt when its
+# C changes.
+$(STAMP): $(BIN)/python setup.cfg setup.py pyproject.toml lunamon/_speedups.c
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,report]'
 	touch $(STAMP)
@@ -119,5 +121,6 @@ mutate: $(MUTATE_STAMP)
 	  echo 'pytest_add_cli_args_test_selection ='; \
 	  for t in $(MUTATE_TESTS); do echo "    $$t"; done; } > $(MUTMUT_DIR)/setup.cfg
 	rm -rf $(MUTMUT_DIR)/mutants
-	cd $(MUTMUT_DIR) && ../$(BIN)/mutmut run --max-children 2
+	# The Python encoder is the one mutated: the compiled one is switched off.
+	cd $(MUTMUT_DIR) && LUNAMON_PURE_PYTHON=1 ../$(BIN)/mutmut run --max-children 2
 	cd $(MUTMUT_DIR) && ../$(BIN)/python ../tests/_mutation_summary.py $(MUTATE_MODULES)

@@ -11,7 +11,9 @@ unless a special character is present.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from lunamon._validation import (
@@ -127,7 +129,7 @@ class Point(tuple):  # type: ignore[type-arg]
 
     def to_line_protocol(self) -> str:
         """This point as one InfluxDB line-protocol line (no trailing newline)."""
-        return _encode(self)
+        return _line_encoder(self)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -185,17 +187,22 @@ def _head(series: str, tags: Mapping[str, str]) -> str:
     return head
 
 
-def _encode(point: Point) -> str:
-    series, time_ns, tags, fields = point
+def _point_head(series: str, tags: Mapping[str, str]) -> str:
+    """The line head of a point: a :class:`TagSet` keeps its own once made."""
     if type(tags) is TagSet:
         cached = tags._head
         if cached is not None and cached[0] == series:
-            head = cached[1]
-        else:
-            head = _head(series, tags)
-            tags._head = (series, head)
-    else:
+            return cached[1]
         head = _head(series, tags)
+        tags._head = (series, head)
+        return head
+    return _head(series, tags)
+
+
+def _encode(point: Point) -> str:
+    series, time_ns, tags, fields = point
+    cached = tags._head if type(tags) is TagSet else None
+    head = cached[1] if cached is not None and cached[0] == series else _point_head(series, tags)
     key_get = _field_key_cache.get
     parts: list[str] = []
     append = parts.append
@@ -220,9 +227,38 @@ _float_repr = float.__repr__
 
 def encode_lines(points: list[Point] | tuple[Point, ...]) -> bytes:
     """Points as a newline-terminated line-protocol body (UTF-8)."""
+    return _encoder(points)
+
+
+def _encode_lines(points: list[Point] | tuple[Point, ...]) -> bytes:
+    """:func:`encode_lines` in pure Python."""
     if not points:
         return b""
     return ("\n".join([_encode(p) for p in points]) + "\n").encode()
+
+
+Encoder = Callable[[list[Point] | tuple[Point, ...]], bytes]
+LineEncoder = Callable[[Point], str]
+
+
+def _compiled_encoders() -> tuple[Encoder, LineEncoder] | None:
+    """``lunamon._speedups``' encoders when it was built (and ``LUNAMON_PURE_PYTHON`` is
+    not set), wired to this module's caches and escaping; else None."""
+    if os.environ.get("LUNAMON_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from lunamon import _speedups
+    except ImportError:
+        return None
+    _speedups.configure(sys.modules[__name__])
+    return _speedups.encode_lines, _speedups.encode_line
+
+
+# Both give the same bytes (tests/test_speedups.py); the compiled ones are several times
+# faster, and are what a normal install uses.
+_encoder: Encoder
+_line_encoder: LineEncoder
+_encoder, _line_encoder = _compiled_encoders() or (_encode_lines, _encode)
 
 
 async def encode_lines_async(points: list[Point] | tuple[Point, ...], chunk: int = 100) -> bytes:

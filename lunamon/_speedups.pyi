@@ -1,0 +1,9 @@
+"""Types of the compiled encoder (lunamon/_speedups.c)."""
+
+from types import ModuleType
+
+from lunamon.point import Point
+
+def encode_lines(points: list[Point] | tuple[Point, ...], /) -> bytes: ...
+def encode_line(point: Point, /) -> str: ...
+def configure(point_module: ModuleType, /) -> None: ...
