@@ -159,26 +159,35 @@ def measure(
     warmup: int,
     connections: int,
     cpu: dict[str, list[float]] | None = None,
+    processes: int = 1,
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]], dict[str, int]]:
     """Per variant: the req/s of every round, the server's stats, the requests it served;
-    and in ``cpu``, when given, the server's CPU µs per request of every round."""
+    and in ``cpu``, when given, the server's CPU µs per request of every round.
+
+    With ``processes`` > 1 each variant runs in that many server processes, and round
+    ``r`` loads process ``r % processes``: one process's luck (its hash seed, where its
+    heap and code landed) moves its figures by several per cent, which no number of
+    rounds against that same process averages out.
+    """
     results: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="lunamon-bench-service-") as tmp:
         workdir = Path(tmp)
         script = workdir / "post.lua"
         script.write_text('wrk.method = "POST"\n')
-        servers: dict[str, Server] = {}
+        servers: dict[str, list[Server]] = {}
         try:
             for variant in variants:
-                servers[variant] = Server(variant, workdir)
-            for server in servers.values():
+                servers[variant] = [
+                    Server(variant, workdir, name=f"{variant}-{i}") for i in range(processes)
+                ]
+            for server in (s for group in servers.values() for s in group):
                 server.wait_ready()
                 if warmup:
                     server.served += run_wrk(server.url, warmup, connections, script)[1]
             for round_no in range(rounds):
                 shift = round_no % len(variants)
                 for variant in [*variants[shift:], *variants[:shift]]:
-                    server = servers[variant]
+                    server = servers[variant][round_no % processes]
                     before = server_cpu_seconds(server.proc.pid)
                     rps, total = run_wrk(server.url, duration, connections, script)
                     used = server_cpu_seconds(server.proc.pid) - before
@@ -187,9 +196,21 @@ def measure(
                         cpu.setdefault(variant, []).append(used / total * 1e6)
                     server.served += total
         finally:
-            stats = {variant: server.stop() for variant, server in servers.items()}
-        served = {variant: server.served for variant, server in servers.items()}
+            stopped = {v: [server.stop() for server in group] for v, group in servers.items()}
+        stats = {variant: _merged(parts) for variant, parts in stopped.items()}
+        served = {v: sum(server.served for server in group) for v, group in servers.items()}
     return results, stats, served
+
+
+def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stats of a variant's processes as one: ``recorded`` summed (absent if any
+    process did not say), the rest as the first process reported it."""
+    merged = dict(parts[0]) if parts else {}
+    if parts and all("recorded" in part for part in parts):
+        merged["recorded"] = sum(part["recorded"] for part in parts)
+    else:
+        merged.pop("recorded", None)
+    return merged
 
 
 def _recorded(stats: dict[str, Any], served: int, in_flight: int) -> str:
@@ -213,9 +234,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before round 1")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--variants", help="comma-separated subset of: " + ",".join(VARIANTS))
+    parser.add_argument(
+        "--processes", type=int, default=2, help="server processes per variant, taking turns"
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.duration, args.warmup = 1, 1, 0
+        args.rounds, args.duration, args.warmup, args.processes = 1, 1, 0, 1
     wanted = args.variants.split(",") if args.variants else list(VARIANTS)
     if "bare" not in wanted:
         wanted.insert(0, "bare")
@@ -224,11 +248,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     cpu: dict[str, list[float]] = {}
     results, stats, served = measure(
-        variants, args.rounds, args.duration, args.warmup, args.connections, cpu
+        variants, args.rounds, args.duration, args.warmup, args.connections, cpu, args.processes
     )
     bare = results["bare"]
     bare_cpu = Summary(cpu["bare"]).median if cpu.get("bare") else 0.0
-    in_flight = args.connections * (args.rounds + (1 if args.warmup else 0))
+    # wrk leaves up to `connections` requests uncounted per run (each warm-up included).
+    in_flight = args.connections * (args.rounds + (args.processes if args.warmup else 0))
+    peer = paired_ratio(results["prometheus"], bare) if "prometheus" in results else None
     rows = []
     for variant in wanted:
         if variant in skipped:
@@ -238,10 +264,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         ratio = paired_ratio(results[variant], bare)
         target = TARGETS.get(variant)
         goal = f">= {target:.2f}: {verdict(ratio >= target)}" if target else ""
+        if variant == "lunamon_middleware" and target and peer is not None:
+            # BENCHMARKS.md: at least the target and above prometheus_client's middleware.
+            met = ratio >= target and ratio > peer
+            goal = f">= {target:.2f} and > prometheus_client ({fmt_ratio(peer)}): {verdict(met)}"
         if variant == "lunamon_metrics" and "lunamon_middleware" in results:
-            # BENCHMARKS.md section 6: metrics on cost <= 0.02 of bare over metrics off.
+            # BENCHMARKS.md section 6: metrics on cost <= 0.02 of bare over metrics off,
+            # and still above prometheus_client's middleware.
             cost = paired_ratio(results["lunamon_middleware"], bare) - ratio
-            goal = f"<= 0.02 over off ({cost:+.3f}): {verdict(cost <= 0.02)}"
+            met = cost <= 0.02 and (peer is None or ratio > peer)
+            goal = f"<= 0.02 over off ({cost:+.3f}) and > prometheus_client: {verdict(met)}"
         rows.append(
             [
                 LABELS[variant],
@@ -269,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     )
     print(
-        f"\n{args.rounds} round(s) of {args.duration} s per variant, variants alternating;"
+        f"\n{args.rounds} round(s) of {args.duration} s per variant, variants alternating,"
+        f" {args.processes} server process(es) per variant taking turns;"
         " ratio = median of per-round ratios to bare. `POST /handlers/{handlerId}/events`"
         " answering `Hello, World!`; the lunamon variants generate a request id, tag"
         " service/route/status_code/handler_id, emit the point, and their sink encodes"
