@@ -34,7 +34,7 @@ static PyObject *escape_series_name = NULL; /* "_escape_series"(series) -> str, 
 static PyObject *tag_cache_name = NULL;     /* "_tag_cache": (key, value) -> ",key=value" */
 static PyObject *tag_pair_name = NULL;      /* "_tag_pair"(key, value) -> str, fills it */
 
-/* Per encode_lines() call: the module's TagSet and cache (borrowed from its globals). */
+/* Per call: the module's TagSet and caches as its code sees them (new references). */
 typedef struct {
     PyObject *tagset_type;
     PyObject *field_key_cache;
@@ -64,6 +64,10 @@ typedef struct {
 static int
 buffer_reserve(Buffer *buf, Py_ssize_t more)
 {
+    if (more > PY_SSIZE_T_MAX - buf->size) {
+        PyErr_NoMemory();
+        return -1;
+    }
     Py_ssize_t need = buf->size + more;
     if (need <= buf->capacity) {
         return 0;

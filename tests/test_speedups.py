@@ -131,3 +131,34 @@ def test_errors_are_the_python_encoders() -> None:
         compiled(five_items)
     with pytest.raises(TypeError):
         compiled(None)  # type: ignore[arg-type]
+
+
+def test_a_value_that_changes_the_fields_while_written_does_not_crash_it() -> None:
+    fields: dict[str, Any] = {}
+
+    class Shrinking(int):
+        def __format__(self, spec: str) -> str:
+            fields.clear()  # Python's encoder raises; the compiled one must not crash
+            return "1"
+
+    fields.update(a=Shrinking(1), b=2.0, c="x")
+    point = Point.trusted("s", 1, {}, fields)
+    with pytest.raises(RuntimeError):
+        _encode_lines([point])
+    fields.update(a=Shrinking(1), b=2.0, c="x")
+    assert compiled([point]).startswith(b"s a=1i")
+
+
+def test_a_helper_that_fails_fails_the_call_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(key: str) -> str:
+        raise KeyError(key)
+
+    monkeypatch.setattr(point_module, "_field_key", broken)
+    new_key = "a_key_never_encoded_before"
+    point_module._field_key_cache.pop(new_key, None)
+    with pytest.raises(KeyError):
+        compiled([Point.trusted("s", 1, {}, {new_key: 1.0})])
+    monkeypatch.undo()
+    assert compiled([Point.trusted("s", 1, {}, {new_key: 1.0})]) == f"s {new_key}=1.0 1\n".encode()
