@@ -496,9 +496,17 @@ class LineReader:
 
 def _open(line: str, physical: str) -> bool:
     """Whether ``line`` ends inside a string field (its value goes on in the next line)."""
-    if "\\" in line or '"' in line.partition(" ")[0]:
+    # Without backslashes, a quote opens a string (after "=") or closes one (before a
+    # comma, a space or the end); when every quote is one of those, their count says
+    # whether a string is left open. A quote anywhere else (a key's, the series' or a
+    # tag's) takes the exact scan.
+    if "\\" in line or '"' in line.partition(" ")[0] or _odd_quote(line):
         return _inside_string(physical)
-    return line.count('"') % 2 == 1  # quotes only open and close string fields here
+    return line.count('"') % 2 == 1
+
+
+# A quote that neither opens a string field nor closes one.
+_odd_quote: Final = re.compile(r'(?<!=)"(?![ ,]|$)').search
 
 
 def _inside_string(text: str) -> bool:

@@ -201,8 +201,7 @@ def _point_head(series: str, tags: Mapping[str, str]) -> str:
 
 def _encode(point: Point) -> str:
     series, time_ns, tags, fields = point
-    cached = tags._head if type(tags) is TagSet else None
-    head = cached[1] if cached is not None and cached[0] == series else _point_head(series, tags)
+    head = _point_head(series, tags)
     key_get = _field_key_cache.get
     parts: list[str] = []
     append = parts.append

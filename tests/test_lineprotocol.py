@@ -270,3 +270,15 @@ def test_property_reader_equals_parser(
     read = read_points(text.encode(), step)
     assert read == parse_line_protocol(text)
     assert read == points or crlf
+
+
+def test_streaming_a_quote_in_a_field_key_before_a_string_with_a_newline() -> None:
+    # Found by the property test above: the quick quote count took the key's quote for
+    # a string's and cut the line at the newline inside the string.
+    points = [
+        Point("0", 0, {}, {'"': "\n"}),
+        Point("m", 1, {}, {'a"b': "x\ny", "c": 1}),
+        Point("m", 2, {}, {"k": 'a="b'}),
+    ]
+    text = encode_lines(points).decode()
+    assert streamed(text) == parse_line_protocol(text) == points

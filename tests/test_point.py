@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Mapping
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from lunamon._validation import omitted_counts, sanitize_tag_value
 from lunamon.lineprotocol import parse_line_protocol
-from lunamon.point import Point, encode_lines, encode_lines_async
+from lunamon.point import Point, TagSet, encode_lines, encode_lines_async
 
 
 def test_point_is_frozen_and_slotted() -> None:
@@ -335,3 +336,23 @@ def test_point_repr_shows_its_parts() -> None:
     assert (
         repr(point) == "Point(series='m', time_ns=7, tags={'k': 'v'}, fields={'f': 1.5, 's': 'x'})"
     )
+
+
+def test_a_tagset_head_is_built_once_for_every_point_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lunamon.point as point_module
+
+    built: list[str] = []
+    original = point_module._head
+
+    def counting(series: str, tags: Mapping[str, str]) -> str:
+        built.append(series)
+        return original(series, tags)
+
+    monkeypatch.setattr(point_module, "_head", counting)
+    tags = TagSet(service="svc", route="GET:/x")
+    points = [Point.trusted("request", i, tags, {"x": 1}) for i in range(5)]
+    assert [p.to_line_protocol() for p in points][4] == "request,service=svc,route=GET:/x x=1i 4"
+    encode_lines(points)
+    assert built == ["request"]  # the TagSet keeps its head: made once, for the first point
+    encode_lines([Point.trusted("error", 9, tags, {"x": 1})])
+    assert built == ["request", "error"]  # another series: a head of its own

@@ -1341,3 +1341,13 @@ def test_errors_of_a_file_and_its_variables_name_the_file_normalised(tmp_path: P
         given = f"{tmp_path}/./{name}"
         error = settings_error(lambda g=given, e=env: MonitoringSettings.load(g, env=e))  # type: ignore[misc]
         assert error.source == str(tmp_path / name), name
+
+
+def test_a_key_splits_at_its_first_dot_or_bracket() -> None:
+    from lunamon.settings import _split_key
+
+    assert _split_key("metrics.extra_labels.x") == ("metrics", ".extra_labels.x")
+    assert _split_key("sinks[0].url[1]") == ("sinks", "[0].url[1]")
+    assert _split_key("metrics.buckets[1]") == ("metrics", ".buckets[1]")
+    assert _split_key("port") == ("port", "")
+    assert _split_key("") == ("", "")

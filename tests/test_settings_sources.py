@@ -233,7 +233,9 @@ def test_sink_tables_are_taken_and_refused_alike_by_a_file_and_setup(tmp_path: P
 
 
 def test_setup_refuses_sink_objects_mixed_with_tables() -> None:
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(
+        TypeError, match=r"^sinks= takes sink objects or sink tables \(mappings\), not both$"
+    ):
         lunamon.setup(
             web.Application(), service="svc", sinks=[lunamon.MemorySink(), {"type": "memory"}]
         )
