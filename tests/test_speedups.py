@@ -44,8 +44,18 @@ def test_lunamon_pure_python_switches_the_compiled_encoder_off() -> None:
         "import lunamon.point as p;"
         " print(p._encoder is p._encode_lines and p._line_encoder is p._encode)"
     )
-    for value, pure in (("1", "True"), ("yes", "True"), ("", "False"), ("0", "False")):
-        env = {"LUNAMON_PURE_PYTHON": value, "PATH": "/usr/bin:/bin"}
+    cases: list[tuple[str | None, str]] = [
+        ("1", "True"),
+        ("true", "True"),
+        ("yes", "True"),
+        ("on", "True"),
+        (" ON ", "True"),
+    ]
+    cases += [("", "False"), ("0", "False"), ("no", "False"), (None, "False")]
+    for value, pure in cases:
+        env = {"PATH": "/usr/bin:/bin"}
+        if value is not None:
+            env["LUNAMON_PURE_PYTHON"] = value
         done = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
