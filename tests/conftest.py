@@ -21,6 +21,7 @@ from servers import (
     ServerProcess,
     TlsFiles,
     VictoriaMetricsServer,
+    VmAgentServer,
     missing_binary,
     self_signed_certificate,
 )
@@ -81,6 +82,12 @@ def influxd_factory() -> Iterator[Callable[..., InfluxServer]]:
 def victoria_metrics() -> Iterator[VictoriaMetricsServer]:
     """A private victoria-metrics, shared by the session: use distinct series or labels."""
     yield from _running(VictoriaMetricsServer())
+
+
+@pytest.fixture
+def vmagent(victoria_metrics: VictoriaMetricsServer) -> Iterator[VmAgentServer]:
+    """A private vmagent relaying to the session's victoria-metrics (its own queue)."""
+    yield from _running(VmAgentServer(victoria_metrics))
 
 
 @pytest.fixture(scope="session")

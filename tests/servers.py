@@ -601,6 +601,31 @@ class VictoriaMetricsServer(ServerProcess):
         return [json.loads(line) for line in raw.splitlines() if line.strip()]
 
 
+class VmAgentServer(ServerProcess):
+    """A private vmagent relaying to ``target`` (a victoria-metrics): ``stop()`` and
+    ``start()`` bring it back on the same port and on-disk queue."""
+
+    binary = "vmagent"
+
+    def __init__(self, target: VictoriaMetricsServer, root: Path | None = None) -> None:
+        self.target = target
+        super().__init__(root)
+
+    def _argv(self) -> list[str]:
+        return [
+            self.binary,
+            f"-httpListenAddr=127.0.0.1:{self.port}",
+            f"-remoteWrite.url={self.target.url}/api/v1/write",
+            f"-remoteWrite.tmpDataPath={self.root / 'queue'}",
+            "-remoteWrite.flushInterval=200ms",
+            "-loggerLevel=ERROR",
+        ]
+
+    def _ready(self) -> bool:
+        status, _ = _http("GET", f"{self.url}/health", timeout=1.0)
+        return status == 200
+
+
 # --------------------------------------------------------------------------- TLS
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from _rel_support import (
     fast_policy,
     new_db,
 )
-from servers import InfluxServer, VictoriaMetricsServer, free_port
+from servers import InfluxServer, VictoriaMetricsServer, VmAgentServer, free_port
 
 from lunamon import MONITORING_KEY, Point
 from lunamon.demo.service import create_app
@@ -177,56 +175,6 @@ def test_preloaded_app_points_emitted_before_fork_delivered_once(
 # --------------------------------------------------------------------------- vmagent
 
 
-class VmAgent:
-    """A private vmagent relaying to ``target``, restartable on the same port and queue."""
-
-    def __init__(self, target: VictoriaMetricsServer, root: Path) -> None:
-        self.port = free_port()
-        self.root = root
-        self.argv = [
-            "vmagent",
-            f"-httpListenAddr=127.0.0.1:{self.port}",
-            f"-remoteWrite.url={target.url}/api/v1/write",
-            f"-remoteWrite.tmpDataPath={root / 'queue'}",
-            "-remoteWrite.flushInterval=200ms",
-            "-loggerLevel=ERROR",
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with (self.root / "vmagent.log").open("ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while _status(f"http://127.0.0.1:{self.port}/health") != 200:
-            assert self.proc.poll() is None, (self.root / "vmagent.log").read_text()
-            assert time.monotonic() < deadline, "vmagent did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-@pytest.fixture
-def vmagent(victoria_metrics: VictoriaMetricsServer) -> Iterator[VmAgent]:
-    if shutil.which("vmagent") is None:
-        pytest.fail("vmagent is not installed (Debian package victoria-metrics)")
-    root = Path(tempfile.mkdtemp(prefix="lunamon-vmagent-"))
-    agent = VmAgent(victoria_metrics, root)
-    try:
-        agent.start()
-        yield agent
-    finally:
-        agent.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def numeric_samples(points: list[Point]) -> dict[tuple[str, str], list[Any]]:
     """What victoria-metrics keeps of ``points``: (series, handler_id) -> [[ms, value]];
     a string field (``request_id``) becomes a series of 0 (SERVERS.md)."""
@@ -241,7 +189,7 @@ def numeric_samples(points: list[Point]) -> dict[tuple[str, str], list[Any]]:
 
 @pytest.mark.slow
 async def test_vmagent_relay_restarted_mid_run_all_numeric_series_arrive(
-    aiohttp_client: ClientFactory, victoria_metrics: VictoriaMetricsServer, vmagent: VmAgent
+    aiohttp_client: ClientFactory, victoria_metrics: VictoriaMetricsServer, vmagent: VmAgentServer
 ) -> None:
     run = uuid.uuid4().hex[:8]
     memory = MemorySink()  # what lunamon sent, to compare with
