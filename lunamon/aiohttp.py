@@ -142,7 +142,8 @@ def setup(
     config = _base_settings(settings, options)
     if options:
         config = config.replace(**options)
-    sink_list = _sinks(app, config, sinks)
+    # Sink tables given to setup() are refused as setup()'s, not as the environment's.
+    sink_list = _sinks(app, config, sinks, "setup()" if "sinks" in options else None)
     metrics = None
     if config.enabled and config.metrics.enabled:
         metrics = _metrics_sink(config)
@@ -216,14 +217,17 @@ async def _serve_metrics(metrics: MetricsSink, config: MonitoringSettings) -> we
 
 
 def _sinks(
-    app: web.Application, config: MonitoringSettings, sinks: Iterable[Sink] | None
+    app: web.Application,
+    config: MonitoringSettings,
+    sinks: Iterable[Sink] | None,
+    source: str | None = None,
 ) -> list[Sink]:
     if not config.enabled:
         return []
     if sinks is not None:
         sink_list = list(sinks)
     elif config.sinks:
-        sink_list = config.build_sinks(app)
+        sink_list = config.build_sinks(app, source=source)
     else:
         from lunamon.sinks.influxdb import InfluxDBSink
 

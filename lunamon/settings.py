@@ -865,8 +865,12 @@ class MonitoringSettings:
 
     # ----------------------------------------------------------------- use
 
-    def build_sinks(self, app: Any = None) -> list[Sink]:
-        """Construct the configured sinks (not started). ``app`` is passed to LUNA plugins."""
+    def build_sinks(self, app: Any = None, *, source: str | None = None) -> list[Sink]:
+        """Construct the configured sinks (not started). ``app`` is passed to LUNA plugins.
+
+        A refusal names ``monitoring.sinks[i]`` of this settings' source, or ``sinks[i]``
+        of ``source`` when the tables came from there (``setup()``).
+        """
         sinks: list[Sink] = []
         for index, sink_settings in enumerate(self.sinks):
             try:
@@ -874,8 +878,9 @@ class MonitoringSettings:
                 continue
             except SettingsError as exc:
                 error = exc
-            label = f"monitoring.sinks[{index}]" + (f".{error.key}" if error.key else "")
-            raise error.relabel(key=label, source=self.source) from error.__cause__
+            label = ("" if source else "monitoring.") + f"sinks[{index}]"
+            label += f".{error.key}" if error.key else ""
+            raise error.relabel(key=label, source=source or self.source) from error.__cause__
         return sinks
 
     def flush_policy(self) -> FlushPolicy:

@@ -302,3 +302,12 @@ def test_every_sink_example_of_the_reference_loads_and_builds(tmp_path: Path) ->
         exec(code.replace("lunamon.Sink(", f"lunamon.{type(sink).__name__}("), namespace)
         assert repr(namespace["sink"]) == repr(sink), type_name
         assert options  # each example shows at least one option
+
+
+def test_a_sink_table_given_to_setup_that_cannot_be_built_names_setup() -> None:
+    table = {"type": "influxdb", "host": "influx.internal", "ssl": True, "password": "pw"}
+    with pytest.raises(SettingsError) as caught:
+        lunamon.setup(web.Application(), service="svc", sinks=[table])
+    assert str(caught.value).startswith("setup(): sinks[0].password: ")
+    assert "a password needs a username" in str(caught.value)
+    assert "pw" not in str(caught.value).replace("password", "")
