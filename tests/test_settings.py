@@ -1351,3 +1351,12 @@ def test_a_key_splits_at_its_first_dot_or_bracket() -> None:
     assert _split_key("metrics.buckets[1]") == ("metrics", ".buckets[1]")
     assert _split_key("port") == ("port", "")
     assert _split_key("") == ("", "")
+
+
+def test_another_settings_key_named_like_a_metrics_variable_keeps_its_own_name() -> None:
+    # path_tags.port is refused; LUNAMON_METRICS_PORT, also set, has nothing to do with it.
+    env = {"LUNAMON_METRICS_PORT": "9100"}
+    error = settings_error(
+        lambda: MonitoringSettings.from_mapping({"path_tags": {"port": "service"}}, env=env)
+    )
+    assert error.key == "monitoring.path_tags.port"
