@@ -786,14 +786,14 @@ async def test_15_encoder_raising_loses_only_its_batch(
     aiohttp_client: ClientFactory, influxd: InfluxServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = new_db()
-    encode = lunamon.point._encode
+    encode = lunamon.point._encoder  # the compiled encoder, or the Python one
 
-    def fragile_encode(point: Point) -> str:
-        if point.tags.get("handler_id") == "poison":
+    def fragile_encode(points: list[Point] | tuple[Point, ...]) -> bytes:
+        if any(point.tags.get("handler_id") == "poison" for point in points):
             raise UnicodeEncodeError("utf-8", "x", 0, 1, "encoder bug")
-        return encode(point)
+        return encode(points)
 
-    monkeypatch.setattr(lunamon.point, "_encode", fragile_encode)
+    monkeypatch.setattr(lunamon.point, "_encoder", fragile_encode)
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db), MemorySink()],
         **fast_policy(flush_interval=30.0, batch_size=1),
