@@ -59,7 +59,16 @@ typedef struct {
     char *data;
     Py_ssize_t size;
     Py_ssize_t capacity;
+    int borrowed; /* data is the caller's (on its stack): never freed or reallocated */
 } Buffer;
+
+static void
+buffer_free(Buffer *buf)
+{
+    if (!buf->borrowed) {
+        PyMem_Free(buf->data);
+    }
+}
 
 static int
 buffer_reserve(Buffer *buf, Py_ssize_t more)
@@ -80,10 +89,14 @@ buffer_reserve(Buffer *buf, Py_ssize_t more)
         }
         capacity *= 2;
     }
-    char *data = PyMem_Realloc(buf->data, (size_t)capacity);
+    char *data = PyMem_Realloc(buf->borrowed ? NULL : buf->data, (size_t)capacity);
     if (data == NULL) {
         PyErr_NoMemory();
         return -1;
+    }
+    if (buf->borrowed) {
+        memcpy(data, buf->data, (size_t)buf->size);
+        buf->borrowed = 0;
     }
     buf->data = data;
     buf->capacity = capacity;
@@ -366,6 +379,21 @@ names_release(Names *names)
     Py_CLEAR(names->tag_cache);
 }
 
+/* globals[name], a new reference; AttributeError when missing. */
+static PyObject *
+global(PyObject *globals, PyObject *name)
+{
+    PyObject *value = PyDict_GetItemWithError(globals, name); /* borrowed */
+    if (value == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_AttributeError, "lunamon.point has no %R", name);
+        }
+        return NULL;
+    }
+    Py_INCREF(value);
+    return value;
+}
+
 /* The module's TagSet and caches, as its code sees them now. */
 static int
 names_fetch(Names *names)
@@ -374,10 +402,14 @@ names_fetch(Names *names)
         PyErr_SetString(PyExc_RuntimeError, "lunamon._speedups.configure() was not called");
         return -1;
     }
-    if ((names->tagset_type = PyObject_GetAttr(point_module, tagset_name)) == NULL
-        || (names->field_key_cache = PyObject_GetAttr(point_module, cache_name)) == NULL
-        || (names->series_cache = PyObject_GetAttr(point_module, series_cache_name)) == NULL
-        || (names->tag_cache = PyObject_GetAttr(point_module, tag_cache_name)) == NULL) {
+    /* The module's globals, read as its own code reads them (Point.to_line_protocol()
+     * calls this for every point: a dict lookup each, not a getattr). */
+    PyObject *globals = PyModule_GetDict(point_module); /* borrowed */
+    if (globals == NULL
+        || (names->tagset_type = global(globals, tagset_name)) == NULL
+        || (names->field_key_cache = global(globals, cache_name)) == NULL
+        || (names->series_cache = global(globals, series_cache_name)) == NULL
+        || (names->tag_cache = global(globals, tag_cache_name)) == NULL) {
         names_release(names);
         return -1;
     }
@@ -402,7 +434,7 @@ encode_lines(PyObject *module, PyObject *points)
         Py_DECREF(sequence);
         return NULL;
     }
-    Buffer buf = {NULL, 0, 0};
+    Buffer buf = {NULL, 0, 0, 0};
     PyObject *result = NULL;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sequence); i++) {
         PyObject *point = PySequence_Fast_GET_ITEM(sequence, i);
@@ -415,7 +447,7 @@ encode_lines(PyObject *module, PyObject *points)
     }
     result = PyBytes_FromStringAndSize(buf.data ? buf.data : "", buf.size);
 done:
-    PyMem_Free(buf.data);
+    buffer_free(&buf);
     names_release(&names);
     Py_DECREF(sequence);
     return result;
@@ -429,12 +461,13 @@ encode_line(PyObject *module, PyObject *point)
     if (names_fetch(&names) < 0) {
         return NULL;
     }
-    Buffer buf = {NULL, 0, 0};
+    char line[512]; /* most lines fit: no allocation for them */
+    Buffer buf = {line, 0, sizeof line, 1};
     PyObject *result = NULL;
     if (add_point(&names, &buf, point) == 0) {
-        result = PyUnicode_DecodeUTF8(buf.data ? buf.data : "", buf.size, "strict");
+        result = PyUnicode_DecodeUTF8(buf.data, buf.size, "strict");
     }
-    PyMem_Free(buf.data);
+    buffer_free(&buf);
     names_release(&names);
     return result;
 }
@@ -442,6 +475,10 @@ encode_line(PyObject *module, PyObject *point)
 static PyObject *
 configure(PyObject *module, PyObject *point)
 {
+    if (!PyModule_Check(point)) {
+        PyErr_SetString(PyExc_TypeError, "configure() takes the lunamon.point module");
+        return NULL;
+    }
     Py_INCREF(point);
     Py_XSETREF(point_module, point);
     Py_RETURN_NONE;

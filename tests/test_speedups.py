@@ -19,7 +19,7 @@ import lunamon.point as point_module
 from lunamon import Point, encode_lines
 from lunamon._speedups import encode_line as compiled_line
 from lunamon._speedups import encode_lines as compiled
-from lunamon.point import TagSet, _encode, _encode_lines
+from lunamon.point import FieldValue, TagSet, _encode, _encode_lines
 
 
 def _both(points: Any) -> bytes:
@@ -172,3 +172,15 @@ def test_a_helper_that_fails_fails_the_call_and_nothing_else(
         compiled([Point.trusted("s", 1, {}, {new_key: 1.0})])
     monkeypatch.undo()
     assert compiled([Point.trusted("s", 1, {}, {new_key: 1.0})]) == f"s {new_key}=1.0 1\n".encode()
+
+
+def test_long_lines_outgrow_the_first_buffer_intact() -> None:
+    # encode_line starts in a 512-byte buffer on the stack, encode_lines in 4 KB.
+    for size in (500, 511, 512, 513, 5000):
+        fields: dict[str, FieldValue] = {"text": "é" * size}
+        fields.update({f"f{i}": i / 7 for i in range(40)})
+        point = Point.trusted("s", 1, TagSet(k="v" * size), fields)
+        line = compiled_line(point)
+        assert line == _encode(point)
+        assert len(line.encode()) > size
+        assert _both([point] * 3).count(b"\n") == 3
