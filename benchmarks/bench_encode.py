@@ -32,7 +32,7 @@ from benchmarks._common import (
     seed_records,
     verdict,
 )
-from lunamon.point import FieldValue, TagSet
+from lunamon.point import FieldValue, TagSet, _encode_lines
 
 __all__ = ["main"]
 
@@ -145,6 +145,13 @@ def _encoders() -> tuple[list[Encoder], list[tuple[str, str]]]:
             _lunamon_points,
             _lunamon_per_point,
             TARGET,
+        ),
+        Encoder(
+            "lunamon_pure_python",
+            "lunamon's pure-Python encoder (`LUNAMON_PURE_PYTHON=1`, or no compiler),"
+            " recorder points",
+            _lunamon_recorded_points,
+            _encode_lines,
         ),
     ]
     skipped = []
