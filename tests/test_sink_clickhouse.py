@@ -118,7 +118,10 @@ def seed_points() -> list[Point]:
 
 
 async def test_rows_are_lunas_time_and_data(
-    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+    clickhouse: ClickHouseServer,
+    sink_for: Callable[..., ClickHouseSink],
+    db: str,
+    row_path: str,
 ) -> None:
     sink = sink_for(db)
     await sink.start()
@@ -188,14 +191,14 @@ def test_tag_values_that_are_decimal_integers_become_numbers() -> None:
     assert data == expected_data(Point("request", T0, tags, {"f": 1.0}))
 
 
-def test_a_field_wins_over_a_tag_of_the_same_key() -> None:
+def test_a_field_wins_over_a_tag_of_the_same_key(row_path: str) -> None:
     point = Point("request", T0, {"k": "tag", "t": "1"}, {"k": "field"})
     assert row_data(point) == {"k": "field", "t": 1}
     (line,) = encode_rows([point]).decode().splitlines()
     assert json.loads(line)["data"] == '{"k":"field","t":1}'
 
 
-def test_field_types_in_data() -> None:
+def test_field_types_in_data(row_path: str) -> None:
     class Level(enum.IntEnum):
         HIGH = 3
 
@@ -212,6 +215,12 @@ def test_field_types_in_data() -> None:
     data = json.loads(json.loads(line)["data"])
     assert typed(data) == typed({**fields, "level": 3})  # nan/inf have no JSON: omitted
     assert json.loads(line)["data"] == '{"f":1.0,"small":1e-05,"i":-7,"b":true,"s":"x","level":3}'
+    # Without them, orjson writes the row; its only difference is a float's spelling.
+    (line,) = encode_rows([Point("request", T0, {}, fields)]).decode().splitlines()
+    small = "0.00001" if row_path == "orjson" else "1e-05"
+    assert json.loads(line)["data"] == (
+        '{"f":1.0,"small":' + small + ',"i":-7,"b":true,"s":"x","level":3}'
+    )
 
 
 def test_time_column_encodings() -> None:
@@ -295,7 +304,10 @@ def bad_input_points() -> list[Point]:
 
 
 async def test_bad_input_comes_back_exactly(
-    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+    clickhouse: ClickHouseServer,
+    sink_for: Callable[..., ClickHouseSink],
+    db: str,
+    row_path: str,
 ) -> None:
     points = bad_input_points()
     sink = sink_for(db)
@@ -310,7 +322,10 @@ async def test_bad_input_comes_back_exactly(
 
 
 async def test_visit_param_functions_read_the_data_column(
-    clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
+    clickhouse: ClickHouseServer,
+    sink_for: Callable[..., ClickHouseSink],
+    db: str,
+    row_path: str,
 ) -> None:
     """The README's 18.16 queries: compact JSON is what visitParamExtract* need."""
     points = [
@@ -336,7 +351,7 @@ async def test_visit_param_functions_read_the_data_column(
     ]
 
 
-def test_every_row_is_one_line_of_json() -> None:
+def test_every_row_is_one_line_of_json(row_path: str) -> None:
     points = bad_input_points()
     body = encode_rows(points)
     lines = body.decode("utf-8").split("\n")
@@ -407,8 +422,13 @@ async def test_server_killed_and_restarted_mid_run_nothing_lost(
     stats = stats_of(monitoring)
     assert sum(stats["dropped"].values()) == 0
     assert stats["written"] == stats["emitted"] == len(answers) + len(failed)
-    assert sorted(await stored_ids(server, db)) == sorted(a.request_id for a in answers)
-    assert sorted(await stored_ids(server, db, "error")) == sorted(a.request_id for a in failed)
+    # Nothing lost, nothing foreign. A kill between an INSERT's commit and its answer
+    # makes the retry store that write again (plain MergeTree does not deduplicate: the
+    # documented at-least-once corner), about one run in fifteen: at most one write.
+    for table, sent in (("request", answers), ("error", failed)):
+        stored_now = await stored_ids(server, db, table)
+        assert sorted(set(stored_now)) == sorted(a.request_id for a in sent)
+        assert len(stored_now) - len(sent) <= 50 * 2, table  # one write: a batch, or two
 
 
 async def test_a_retried_batch_does_not_send_a_stored_table_again(
