@@ -6,7 +6,8 @@ by round, each (path, round) into a database of its own whose tables were
 created before the clock starts. The reference is a raw aiohttp POST of bodies
 pre-encoded as LUNA's rows (``INSERT ... FORMAT JSONEachRow``, uncompressed): the
 server's ceiling here. lunamon's ``ClickHouseSink`` runs end to end (emit every
-point into a ``Monitoring``, then ``flush()``), with and without gzip. Afterwards
+point into a ``Monitoring``, then ``flush()``), with and without gzip, and without
+gzip once more as installed without orjson. Afterwards
 every table is counted: a path whose points were not all stored fails the run.
 """
 
@@ -31,6 +32,7 @@ from benchmarks._common import (
     seed_records,
     verdict,
 )
+from lunamon.sinks import clickhouse
 from lunamon.sinks.clickhouse import ClickHouseSink, encode_rows
 
 if TYPE_CHECKING:
@@ -91,6 +93,15 @@ async def lunamon_plain(inputs: Inputs, db: str) -> float:
     return await _sink(inputs, db, gzip=False)
 
 
+async def lunamon_plain_stdlib(inputs: Inputs, db: str) -> float:
+    """The sink as installed without orjson: rows from the standard library's templates."""
+    orjson, clickhouse._orjson = clickhouse._orjson, None
+    try:
+        return await _sink(inputs, db, gzip=False)
+    finally:
+        clickhouse._orjson = orjson
+
+
 async def lunamon_gzip(inputs: Inputs, db: str) -> float:
     return await _sink(inputs, db, gzip=True)
 
@@ -106,6 +117,11 @@ class WritePath:
 PATHS: Final = [
     WritePath(
         "raw", "raw aiohttp POST of pre-encoded JSONEachRow (the server's ceiling)", raw_post
+    ),
+    WritePath(
+        "stdlib",
+        "lunamon `ClickHouseSink(gzip=False)` without orjson (the `json` module's templates)",
+        lunamon_plain_stdlib,
     ),
     WritePath("plain", "**lunamon** `ClickHouseSink(gzip=False)` end to end", lunamon_plain),
     WritePath(

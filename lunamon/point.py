@@ -240,10 +240,16 @@ Encoder = Callable[[list[Point] | tuple[Point, ...]], bytes]
 LineEncoder = Callable[[Point], str]
 
 
+def pure_python_requested() -> bool:
+    """Whether ``LUNAMON_PURE_PYTHON`` asks for the pure-Python paths (no compiled encoder,
+    no orjson): ``1``, ``true``, ``yes`` or ``on``."""
+    return os.environ.get("LUNAMON_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _compiled_encoders() -> tuple[Encoder, LineEncoder] | None:
     """``lunamon._speedups``' encoders when it was built (and ``LUNAMON_PURE_PYTHON`` is
     not set), wired to this module's caches and escaping; else None."""
-    if os.environ.get("LUNAMON_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
+    if pure_python_requested():
         return None
     try:
         from lunamon import _speedups

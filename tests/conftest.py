@@ -128,3 +128,15 @@ def clickhouse_factory() -> Iterator[Callable[..., ClickHouseServer]]:
             return stack.enter_context(ClickHouseServer(auth=auth))
 
         yield factory
+
+
+@pytest.fixture(params=["orjson", "templates"])
+def row_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """ClickHouse rows written through orjson (the test extra installs it: a missing
+    orjson fails, never skips), or from the standard library's templates, as without it."""
+    import orjson
+
+    from lunamon.sinks import clickhouse
+
+    monkeypatch.setattr(clickhouse, "_orjson", orjson if request.param == "orjson" else None)
+    return str(request.param)

@@ -121,6 +121,7 @@ def test_clickhouse() -> None:
     rows = table(run_script("bench_clickhouse"))
     assert figure(row(rows, "raw aiohttp POST")) > 0
     assert figure(row(rows, "**lunamon** `ClickHouseSink()`")) > 0
+    assert figure(row(rows, "lunamon `ClickHouseSink(gzip=False)` without orjson")) > 0
 
 
 def test_memory() -> None:

@@ -16,6 +16,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import orjson
 import pytest
 from _rel_support import assert_invariant, eventually
 from hypothesis import given, settings
@@ -77,20 +78,20 @@ _field_value = (
     | _text
 )
 _tag_value = _text.filter(bool) | st.integers(-1000, 1000).map(str) | st.just("9223372036854775808")
+# Kinds of points (tags, fields, the time column's scale), as a batch mixes them.
+_row_kinds = st.lists(
+    st.tuples(
+        st.dictionaries(_key, _tag_value, max_size=3),
+        st.dictionaries(_key, _field_value, min_size=1, max_size=4),
+        st.sampled_from([None, 0, 3, 9]),
+    ),
+    min_size=1,
+    max_size=6,
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.tuples(
-            st.dictionaries(_key, _tag_value, max_size=3),
-            st.dictionaries(_key, _field_value, min_size=1, max_size=4),
-            st.sampled_from([None, 0, 3, 9]),
-        ),
-        min_size=1,
-        max_size=6,
-    )
-)
+@given(_row_kinds)
 def test_templates_give_the_reference_text(
     kinds: list[tuple[dict[str, str], dict[str, Any], int | None]],
 ) -> None:
@@ -100,11 +101,38 @@ def test_templates_give_the_reference_text(
         column = ch._TimeColumn(scale)
         points = [Point.trusted("request", T0 + i, tags, fields) for i in range(2)]
         expected = "".join(ch._row(p, column) for p in points).encode()
-        assert encode_rows(points, column) == expected
-        assert encode_rows(points, column) == expected  # the template remembered
+        assert ch._rows_from_templates(points, column) == expected
+        assert ch._rows_from_templates(points, column) == expected  # the template remembered
 
 
-def test_templates_with_unrepresentable_values_fall_back_exactly() -> None:
+def _typed_row(line: bytes) -> tuple[object, list[tuple[str, str, str]]]:
+    """A row as (time, data's members in order with their JSON types and exact values)."""
+    row = json.loads(line)
+    assert list(row) == ["time", "data"]
+    data = json.loads(row["data"])
+    return row["time"], [(k, type(v).__name__, repr(v)) for k, v in data.items()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_row_kinds)
+def test_orjson_rows_hold_the_reference_data(
+    kinds: list[tuple[dict[str, str], dict[str, Any], int | None]],
+) -> None:
+    """orjson's rows (the fast path) hold exactly the reference rows' data: the same
+    members in the same order, the same JSON types, the same numbers (a float may be
+    spelled otherwise: ``0.00001`` for ``1e-05``)."""
+    for tags, fields, scale in kinds:
+        column = ch._TimeColumn(scale)
+        points = [Point.trusted("request", T0 + i, tags, fields) for i in range(2)]
+        rows = ch._rows_from_orjson(points, column, orjson).splitlines(keepends=True)
+        assert len(rows) == len(points)
+        for row, point in zip(rows, points, strict=True):
+            assert row.endswith(b"}\n")
+            assert row.count(b"\n") == 1
+            assert _typed_row(row) == _typed_row(ch._row(point, column).encode())
+
+
+def test_unrepresentable_values_fall_back_exactly(row_path: str) -> None:
     points = [
         Point.trusted("request", T0, {"k": "v"}, {"f": math.nan, "g": 1.5}),
         Point.trusted("request", T0 + 1, {"k": "v"}, {"f": -math.inf, "g": 2.5}),

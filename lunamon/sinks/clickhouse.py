@@ -46,6 +46,12 @@ columns (the same text with ``p`` digits of fraction, a format ClickHouse docume
 for them, tested here without a server) the Unix time as ``"seconds.fraction"``
 text, which they parse whatever their time zone.
 
+**Encoding.** With orjson installed (the ``clickhouse`` extra) rows are written by it,
+twice as fast as with the standard library: orjson formats a float (Ryu) in a fraction
+of ``repr``'s time, and ten floats a row are most of the work. Both paths store the same
+data, the same numbers; a float may be spelled otherwise (``0.00001`` for ``1e-05``).
+``LUNAMON_PURE_PYTHON=1`` uses the standard library's path anyway.
+
 **Streaming.** An INSERT's body is encoded while it is sent (chunked transfer, gzip
 flushed per chunk): the server parses the first rows while the next are encoded.
 Every chunk but the last ends inside a row, because 18.16 stores a body cut off at
@@ -82,6 +88,7 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Final
 
 import aiohttp
@@ -91,7 +98,7 @@ from lunamon._log import RateLimitedLogger, logger
 from lunamon._secrets import Secret, redact
 from lunamon._validation import INT64_MAX, INT64_MIN
 from lunamon.errors import BatchTooLarge, SinkError
-from lunamon.point import Point
+from lunamon.point import Point, pure_python_requested
 from lunamon.sinks._http import (
     DEFAULT_COMPRESSION_LEVEL,
     HTTPSink,
@@ -258,13 +265,19 @@ class _TimeColumn:
 
     scale: int | None = None
 
-    def encode(self, time_ns: int) -> str:
+    def value(self, time_ns: int) -> int | str:
+        """The time as this column takes it: the nanoseconds, or the text."""
         if self.scale is None:
-            return str(time_ns)
+            return time_ns
         seconds, rest = divmod(time_ns, 1_000_000_000)
         if not self.scale:
-            return f'"{seconds}"'
-        return f'"{seconds}.{rest // 10 ** (9 - self.scale):0{self.scale}d}"'
+            return str(seconds)
+        return f"{seconds}.{rest // 10 ** (9 - self.scale):0{self.scale}d}"
+
+    def encode(self, time_ns: int) -> str:
+        """:meth:`value` as JSON."""
+        value = self.value(time_ns)
+        return str(value) if self.scale is None else f'"{value}"'
 
 
 _NANOSECONDS: Final = _TimeColumn()
@@ -429,20 +442,91 @@ def _rows_text(points: Sequence[Point], time_column: _TimeColumn) -> str:
     return "".join(rows)
 
 
-def encode_rows(points: Sequence[Point], time_column: _TimeColumn = _NANOSECONDS) -> bytes:
-    """JSONEachRow rows of ``points`` (UTF-8). A string holding a lone surrogate (not
-    encodable as UTF-8) is written with ``\\u`` escapes in ``data`` instead."""
+def _row_bytes(point: Point, time_column: _TimeColumn) -> bytes:
+    """:func:`_row` as UTF-8; a string holding a lone surrogate (not encodable as UTF-8)
+    is written with ``\\u`` escapes in ``data`` instead."""
+    try:
+        return _row(point, time_column).encode("utf-8")
+    except UnicodeEncodeError:
+        return _row(point, time_column, ascii_only=True).encode("utf-8")
+
+
+def _rows_from_templates(points: Sequence[Point], time_column: _TimeColumn) -> bytes:
+    """JSONEachRow rows of ``points`` with the standard library alone: :func:`_rows_text`."""
     try:
         return _rows_text(points, time_column).encode("utf-8")
     except UnicodeEncodeError:
-        parts = []
-        for point in points:
-            row = _row(point, time_column)
-            try:
-                parts.append(row.encode("utf-8"))
-            except UnicodeEncodeError:
-                parts.append(_row(point, time_column, ascii_only=True).encode("utf-8"))
-        return b"".join(parts)
+        return b"".join([_row_bytes(point, time_column) for point in points])
+
+
+# Tags -> the same tags as ``data`` members (integers as numbers), for orjson.
+_typed_tags: dict[tuple[tuple[str, str], ...], dict[str, str | int]] = {}
+
+
+def _rows_from_orjson(
+    points: Sequence[Point], time_column: _TimeColumn, orjson: ModuleType
+) -> bytes:
+    """JSONEachRow rows of ``points`` written by orjson: the same rows as
+    :func:`_rows_from_templates`, in less than half the time, because orjson formats a
+    float (Ryu) in a fraction of ``repr``'s time. The numbers are the same; only some
+    are spelled otherwise (``0.00001``, ``1e16``; ``repr``: ``1e-05``, ``1e+16``).
+
+    ``data`` goes into the row as a JSON string: orjson's text with its ``\\`` and
+    ``"`` escaped (it writes every other character a JSON string may not hold escaped).
+    A point orjson cannot write (a lone surrogate, an integer beyond 64 bits, a type it
+    does not know) or whose ``data`` holds ``null`` (orjson's NaN and infinity, which
+    have no JSON and are left out; or a string merely containing "null") is written by
+    :func:`_row_bytes` instead.
+    """
+    rows: list[bytes] = []
+    append = rows.append
+    dumps = orjson.dumps
+    typed_of = _typed_tags.get
+    nanoseconds = time_column.scale is None
+    row = b'{"time":%d,"data":"%b"}\n' if nanoseconds else b'{"time":"%b","data":"%b"}\n'
+    for point in points:
+        _, time_ns, tags, fields = point
+        key = tuple(tags.items())
+        typed = typed_of(key)
+        if typed is None:
+            if len(_typed_tags) >= _CACHE_LIMIT:
+                _typed_tags.clear()
+            typed = _typed_tags[key] = {k: _tag_json(v) for k, v in key}
+        try:
+            data = dumps({**typed, **fields})  # a field wins over a tag of its key
+        except TypeError:  # orjson.JSONEncodeError
+            data = b"null"
+        if b"null" in data:
+            append(_row_bytes(point, time_column))
+            continue
+        data = data.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+        when = time_ns if nanoseconds else str(time_column.value(time_ns)).encode()
+        append(row % (when, data))
+    return b"".join(rows)
+
+
+def _load_orjson() -> ModuleType | None:
+    """orjson when it is installed (the ``clickhouse`` extra) and
+    ``LUNAMON_PURE_PYTHON`` is not set; else None (rows from the templates)."""
+    if pure_python_requested():
+        return None
+    try:
+        import orjson
+    except ImportError:
+        return None
+    return orjson
+
+
+_orjson = _load_orjson()
+
+
+def encode_rows(points: Sequence[Point], time_column: _TimeColumn = _NANOSECONDS) -> bytes:
+    """JSONEachRow rows of ``points`` (UTF-8): through orjson when it is installed,
+    else from the templates; the same data either way."""
+    orjson = _orjson
+    if orjson is not None:
+        return _rows_from_orjson(points, time_column, orjson)
+    return _rows_from_templates(points, time_column)
 
 
 async def _encode_rows_async(points: Sequence[Point], time_column: _TimeColumn) -> bytes:
