@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from lunamon._validation import omitted_counts, sanitize_tag_value
 from lunamon.lineprotocol import parse_line_protocol
-from lunamon.point import Point, TagSet, encode_lines, encode_lines_async
+from lunamon.point import Point, TagSet, encode_lines, encode_lines_async, pure_python_requested
 
 
 def test_point_is_frozen_and_slotted() -> None:
@@ -356,3 +356,29 @@ def test_a_tagset_head_is_built_once_for_every_point_of_it(monkeypatch: pytest.M
     assert built == ["request"]  # the TagSet keeps its head: made once, for the first point
     encode_lines([Point.trusted("error", 9, tags, {"x": 1})])
     assert built == ["request", "error"]  # another series: a head of its own
+
+
+@pytest.mark.parametrize(
+    ("value", "pure"),
+    [
+        ("1", True),
+        ("true", True),
+        ("yes", True),
+        ("on", True),
+        (" ON ", True),
+        ("", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+        (None, False),
+    ],
+)
+def test_lunamon_pure_python_spellings(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, pure: bool
+) -> None:
+    """What switches the speedups off (the compiled encoder, orjson for ClickHouse)."""
+    if value is None:
+        monkeypatch.delenv("LUNAMON_PURE_PYTHON", raising=False)
+    else:
+        monkeypatch.setenv("LUNAMON_PURE_PYTHON", value)
+    assert pure_python_requested() is pure
