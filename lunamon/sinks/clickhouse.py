@@ -466,9 +466,9 @@ _typed_tags: dict[tuple[tuple[str, str], ...], dict[str, str | int]] = {}
 def _rows_from_orjson(
     points: Sequence[Point], time_column: _TimeColumn, orjson: ModuleType
 ) -> bytes:
-    """JSONEachRow rows of ``points`` written by orjson: the same rows as
-    :func:`_rows_from_templates`, in less than half the time, because orjson formats a
-    float (Ryu) in a fraction of ``repr``'s time. The numbers are the same; only some
+    """JSONEachRow rows of ``points`` written by orjson: the data of
+    :func:`_rows_from_templates`' rows in less than half the time, because orjson formats
+    a float (Ryu) in a fraction of ``repr``'s time. The numbers are the same; only some
     are spelled otherwise (``0.00001``, ``1e16``; ``repr``: ``1e-05``, ``1e+16``).
 
     ``data`` goes into the row as a JSON string: orjson's text with its ``\\`` and
