@@ -554,7 +554,8 @@ def _create_table_sql(database: str, table: str) -> str:
 
 class ClickHouseSink(HTTPSink):
     """Writes batches to ClickHouse in LUNA's format: a table per series, rows of
-    ``time`` (ns) and ``data`` (the tags and fields as one JSON object).
+    ``time`` (ns) and ``data`` (the tags and fields as one JSON object). With orjson
+    installed (``pip install 'lunamon[clickhouse]'``) rows are encoded twice as fast.
 
     Tables (and the database) are created when ``create_tables``: at :meth:`start`
     (or, when the server is down then, before the first write) and again after an
