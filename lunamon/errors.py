@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from lunamon.point import Point
 
 __all__ = ["BatchTooLarge", "LineProtocolError", "NotTextError", "SettingsError", "SinkError"]
 
@@ -36,8 +39,16 @@ class SinkError(Exception):
     """A failed write, classified: ``retryable`` or not, with the server's text.
 
     ``retry_after`` (seconds) is the server's ``Retry-After`` when it sent one.
-    ``delivered`` counts the points of a refused batch that were stored all the
-    same (a plugin that failed on some points only): they are counted written.
+
+    ``pending`` says exactly which points of the batch are *not* stored (a list
+    of the batch's own points, in any order): the others are, and the flusher
+    counts them written at once; it then retries only ``pending`` (``retryable``)
+    or drops only those (refused; for :class:`BatchTooLarge`, splits them). A
+    sink that stores a batch in parts (a table per series, requests of 1,000
+    lines) sets it whenever a part is stored; ``None``, the default, means that
+    nothing of the batch is known to be stored. ``delivered`` is the older,
+    coarser form for a refused batch only: how many of its points were stored
+    (a plugin that failed on some points); ``pending`` wins when both are given.
     The message never holds credentials; ``server_text`` is truncated to 1 KB.
     """
 
@@ -50,6 +61,7 @@ class SinkError(Exception):
         retry_after: float | None = None,
         server_text: str = "",
         delivered: int = 0,
+        pending: list[Point] | None = None,
     ) -> None:
         if len(server_text) > MAX_SERVER_TEXT:
             server_text = server_text[:MAX_SERVER_TEXT] + "...(truncated)"
@@ -59,6 +71,7 @@ class SinkError(Exception):
         self.retry_after = retry_after
         self.server_text = server_text
         self.delivered = delivered
+        self.pending = pending
 
 
 class BatchTooLarge(SinkError):

@@ -22,7 +22,7 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -86,7 +86,9 @@ class _Channel:
         "capacity",
         "dropped",
         "emitted",
+        "failing",
         "inflight",
+        "inflight_at",
         "lock",
         "mark",
         "name",
@@ -119,6 +121,7 @@ class _Channel:
         # A point arriving with this many already buffered completes a batch: wake the task.
         self.wake_at = policy.batch_size - 1
         self.inflight: list[Point] | None = None
+        self.inflight_at = 0  # position (an `emitted` count) of the batch in flight's first
         self.attempts = 0
         self.retry_after: float | None = None
         self.backing_off = False
@@ -126,12 +129,24 @@ class _Channel:
         self.written = 0
         self.retries = 0
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        # While the sink fails: (monotonic time of the first failure, points dropped by
+        # then), for the one "recovered" line when a write succeeds again.
+        self.failing: tuple[float, int] | None = None
         self.wake: asyncio.Event | None = None
         self.lock: asyncio.Lock | None = None
         self.task: asyncio.Task[None] | None = None
 
     def buffered(self) -> int:
         return len(self.buffer) + self.packed + (len(self.inflight) if self.inflight else 0)
+
+    def front(self) -> int:
+        """The position (in emission order, an ``emitted`` count) of the oldest point not
+        yet done (written, or dropped and counted): every point before it is done. The
+        buffer is FIFO; a batch in flight counts from its first point until it is done."""
+        front = self.emitted - len(self.buffer) - self.packed
+        if self.inflight is not None:
+            return min(self.inflight_at, front - len(self.inflight))
+        return front
 
     def clear(self) -> None:
         """Forget every buffered point (not the batch in flight)."""
@@ -191,13 +206,19 @@ class _Channel:
         self.capacity = self.buffer_size - (len(batch) if batch else 0)
 
     def stats(self) -> SinkStats:
-        return {
+        stats: SinkStats = {
             "emitted": self.emitted,
             "written": self.written,
             "retries": self.retries,
             "buffered": self.buffered(),
             "dropped": dict(self.dropped),
         }
+        # Things a sink saw that are not point accounting (InfluxDB: a database it had
+        # to create again), when it counts any: `sink.events`, a mapping name -> count.
+        events = getattr(self.sink, "events", None)
+        if isinstance(events, Mapping):
+            stats["events"] = dict(events)
+        return stats
 
 
 _live_flushers: weakref.WeakSet[Flusher] = weakref.WeakSet()
@@ -287,6 +308,48 @@ class Flusher:
     def sink_names(self) -> list[str]:
         return [c.name for c in self._channels]
 
+    # ------------------------------------------------------------------ spool (lunamon.spool)
+
+    def positions(self) -> dict[str, int]:
+        """Per sink name: points emitted to it so far (the position of the next)."""
+        return {c.name: c.emitted for c in self._channels}
+
+    def fronts(self) -> dict[str, int]:
+        """Per sink name: the position of its oldest point not yet done."""
+        return {c.name: c.front() for c in self._channels}
+
+    def room(self, name: str) -> int:
+        """Points that may be added to sink ``name``'s buffer with half of it free."""
+        channel = self._channel(name)
+        return max(channel.buffer_size // 2, 1) - channel.buffered()
+
+    def sink(self, name: str) -> Sink:
+        return self._channel(name).sink
+
+    def _channel(self, name: str) -> _Channel:
+        return next(c for c in self._channels if c.name == name)
+
+    def emit_to(self, name: str, points: Sequence[Point]) -> int:
+        """Queue ``points`` for sink ``name`` alone (a dead process's, replayed); the
+        position of the first. Like :meth:`emit`, never raises."""
+        channel = self._channel(name)
+        start = channel.emitted
+        for point in points:
+            channel.emitted += 1
+            if self._closed:
+                channel.dropped["after_close"] += 1
+                continue
+            size = len(channel.buffer) + channel.packed
+            if size >= channel.capacity:
+                channel.dropped["overflow"] += 1
+                if not size:
+                    continue
+                channel.drop_oldest()
+            channel.buffer.append(point)
+        if channel.wake is not None and not channel.backing_off:
+            channel.wake.set()
+        return start
+
     async def start(self) -> None:
         """Start the sinks and one delivery task per sink (idempotent)."""
         if self._started or self._closed:
@@ -371,6 +434,7 @@ class Flusher:
             channel.clear()
             channel.set_inflight(None)
             channel.wake = channel.lock = channel.task = None
+            channel.failing = None
         self._started = False
 
     def stats(self) -> dict[str, SinkStats]:
@@ -422,6 +486,7 @@ class Flusher:
                 if not buffer:
                     return True
                 size = min(channel.batch_size, len(buffer) + channel.packed)
+                channel.inflight_at = channel.emitted - len(buffer) - channel.packed
                 channel.set_inflight(channel.take(size))
                 channel.attempts = 0
                 channel.retry_after = None
@@ -434,21 +499,22 @@ class Flusher:
             async with _timeout(self.policy.write_timeout):
                 await channel.sink.write(batch)
         except BatchTooLarge as exc:
+            batch = self._settle(channel, batch, exc)
             if len(batch) == 1:
                 self._drop(channel, "rejected", exc, "point_too_large")
-            else:
+            elif batch:
                 half = len(batch) // 2
                 channel.batch_size = max(1, min(channel.batch_size, half))
                 channel.buffer.extendleft(reversed(batch[half:]))
                 channel.set_inflight(batch[:half])
             return True
         except SinkError as exc:
+            # Points the sink stored all the same are written at once; only the rest is
+            # retried or rejected.
+            if not self._settle(channel, batch, exc):
+                return True
             if exc.retryable:
                 return self._retry(channel, exc, exc.retry_after)
-            # Points the sink stored all the same are written, not rejected.
-            delivered = min(max(exc.delivered, 0), len(batch))
-            channel.written += delivered
-            channel.set_inflight(batch[delivered:] if delivered else batch)
             self._drop(channel, "rejected", exc, "batch_rejected")
             return True
         except _TRANSIENT as exc:
@@ -458,6 +524,8 @@ class Flusher:
             return True
         channel.written += len(batch)
         channel.set_inflight(None)
+        if channel.failing is not None:
+            self._recovered(channel, len(batch))
         # Freeing a written batch at once (5,000 points, ~70,000 objects) stalls the
         # loop for ~6 ms: free it in slices, a loop turn apart, when the list is ours
         # alone (its only references: this frame and getrefcount's argument).
@@ -466,7 +534,38 @@ class Flusher:
             await asyncio.sleep(0)
         return True
 
+    @staticmethod
+    def _settle(channel: _Channel, batch: list[Point], exc: SinkError) -> list[Point]:
+        """Count written the points of the failed ``batch`` that the sink stored all the
+        same (all but ``exc.pending``; else the ``delivered`` first of a refused batch)
+        and keep the others in flight: they are returned (empty: nothing is left)."""
+        pending = exc.pending
+        if pending is None or len(pending) > len(batch):
+            delivered = 0 if exc.retryable else min(max(exc.delivered, 0), len(batch))
+            pending = batch[delivered:] if delivered else batch
+        stored = len(batch) - len(pending)
+        if stored:
+            channel.written += stored
+            channel.set_inflight(pending or None)
+        return pending
+
+    @staticmethod
+    def _recovered(channel: _Channel, written: int) -> None:
+        """One line when a sink writes again after failing: how long it failed, and what
+        waited for it (delivered late, from this batch on) or was dropped meanwhile."""
+        since, dropped_before = channel.failing or (_now(), 0)
+        channel.failing = None
+        logger.info(
+            "sink_recovered",
+            sink=channel.name,
+            down_seconds=round(_now() - since, 3),
+            delivered_late=written + channel.buffered(),
+            dropped_meanwhile=sum(channel.dropped.values()) - dropped_before,
+        )
+
     def _retry(self, channel: _Channel, exc: BaseException, retry_after: float | None) -> bool:
+        if channel.failing is None:
+            channel.failing = (_now(), sum(channel.dropped.values()))
         channel.attempts += 1
         if channel.attempts > self.policy.max_retries:
             self._drop(channel, "retry_exhausted", exc, "retry_budget_exhausted")
@@ -498,6 +597,9 @@ class Flusher:
             status=status,
             error=_error_text(exc),
         )
+
+
+_now = time.monotonic  # the outage's clock (a test swaps it)
 
 
 def _error_text(exc: BaseException) -> str:

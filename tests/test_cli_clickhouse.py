@@ -22,6 +22,7 @@ from lunamon.cli.clickhouse import (
     since_ns,
 )
 from lunamon.point import Point
+from lunamon.sinks.clickhouse import ClickHouseSink
 
 FAST = ["--latency", "0.001", "--no-progress", "--seed", "11"]
 STATS_LINE = re.compile(r"^\s+(\S+): ([\d,]+) = ([\d,]+) \+ ([\d,]+) \+ ([\d,]+)  ok", re.M)
@@ -168,7 +169,8 @@ def test_send_needs_one_destination(capsys: pytest.CaptureFixture[str]) -> None:
     [
         ("http://127.0.0.1:8123", None, ("http://127.0.0.1:8123", "luna_monitoring", None, None)),
         ("http://localhost/luna", None, ("http://localhost:8123", "luna", None, None)),
-        ("https://ch.example/x", "y", ("https://ch.example:8443", "y", None, None)),
+        ("https://ch.example", "y", ("https://ch.example:8443", "y", None, None)),
+        ("https://ch.example/y", "y", ("https://ch.example:8443", "y", None, None)),
         ("http://u:p%40ss@[::1]:9/d", None, ("http://[::1]:9", "d", "u", "p@ss")),
     ],
 )
@@ -183,6 +185,22 @@ def test_clickhouse_urls(url: str, database: str | None, expected: tuple[object,
 def test_bad_clickhouse_urls(url: str) -> None:
     with pytest.raises(ClickHouseURLError):
         parse_clickhouse_url(url)
+
+
+def test_the_url_path_names_the_database_as_for_the_sink() -> None:
+    """One rule for `lunamon send --clickhouse` and the sink: the path is the database,
+    and a database option naming another one is refused, never silently preferred."""
+    with pytest.raises(ClickHouseURLError, match="names database 'x' and database is 'y'"):
+        parse_clickhouse_url("http://h/x", "y")
+    sink = ClickHouseSink("http://127.0.0.1:8123/mydb")
+    assert (sink.database, sink.url) == ("mydb", "http://127.0.0.1:8123")
+    assert ClickHouseSink("http://127.0.0.1:8123/").database == "luna_monitoring"
+    assert ClickHouseSink("http://127.0.0.1:8123", database="d").database == "d"
+    assert ClickHouseSink("http://127.0.0.1:8123/d", database="d").database == "d"
+    with pytest.raises(ValueError, match="names database 'mydb' and database is 'other'"):
+        ClickHouseSink("http://127.0.0.1:8123/mydb", database="other")
+    with pytest.raises(ValueError, match="just the database name"):
+        ClickHouseSink("http://127.0.0.1:8123/a/b")
 
 
 def test_since() -> None:
@@ -235,3 +253,30 @@ def test_target_sink_takes_the_credentials() -> None:
         3.0,
     )
     assert "s3cret-pw" not in repr(target)
+
+
+def test_sending_the_same_file_twice_stores_each_point_once(
+    clickhouse: ClickHouseServer, tmp_path: Path, db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RELIABILITY.md 37: the second send finds every point in the tables and sends none;
+    a file that overlaps the first (half old, half new) adds the new half only."""
+    tags = {"route": "POST:/x", "status_code": "200"}
+    points = [
+        Point(series, 1_700_000_000_000_000_000 + i, tags, {"request_id": f"r{i}"})
+        for i in range(700)
+        for series in ("request", "error")
+    ]
+    first, overlap = tmp_path / "first.lp", tmp_path / "overlap.lp"
+    first.write_text("".join(p.to_line_protocol() + "\n" for p in points[:1000]))
+    overlap.write_text("".join(p.to_line_protocol() + "\n" for p in points[500:]))
+    url = f"{clickhouse.url}/{db}"
+    for path in (first, first, overlap):
+        args = ["send", str(path), "--clickhouse", url, "--no-progress", "--batch-size", "300"]
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        (row,) = [m.groups() for m in STATS_LINE.finditer(out) if m[1] == "clickhouse"]
+        emitted, written, dropped, buffered = (int(g.replace(",", "")) for g in row[1:])
+        assert (written, dropped, buffered) == (emitted, 0, 0)  # held: counted written
+    for series in ("request", "error"):
+        times = [int(t) for t in clickhouse.query(f"SELECT time FROM {db}.{series}").split()]
+        assert sorted(times) == [1_700_000_000_000_000_000 + i for i in range(700)]

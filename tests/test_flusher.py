@@ -1050,3 +1050,139 @@ async def test_a_written_batch_is_freed_in_slices_a_loop_turn_apart(
             assert (sleeps, len(sink.batches[0])) == ([], size)
     assert flusher.stats()["scripted"]["written"] == 2 * size
     await flusher.close()
+
+
+# ----------------------------------------------------------------- SinkError.pending
+# A sink that stores a batch in parts says which points are not stored: the others are
+# written at once, only the pending ones are retried, refused or split (RELIABILITY 36).
+
+
+class PartSink(ScriptedSink):
+    """Each scripted failure stores the batch's even-numbered points (``stored``) and
+    raises with ``pending`` = the others; the invariant is checked at every write."""
+
+    flusher: Flusher | None = None
+
+    def __init__(self, script: Sequence[BaseException | None] = ()) -> None:
+        super().__init__(script)
+        self.seen: list[list[int]] = []
+        self.stored: list[int] = []
+
+    async def write(self, points: Sequence[Point]) -> None:
+        assert self.flusher is not None
+        assert_invariant(self.flusher.stats()["scripted"])
+        self.seen.append([p.time_ns for p in points])
+        outcome = self.script.pop(0) if self.script else None
+        if outcome is None:
+            self.stored += [p.time_ns for p in points]
+            return
+        if isinstance(outcome, SinkError):
+            self.stored += [p.time_ns for p in points if p.time_ns % 2 == 0]
+            outcome.pending = [p for p in points if p.time_ns % 2]
+        raise outcome
+
+
+def part_flusher(sink: PartSink, **settings: Any) -> Flusher:
+    flusher = Flusher(
+        [sink], make_policy(**{"batch_size": 8, "retry_base_delay": 0.01, **settings})
+    )
+    sink.flusher = flusher
+    for i in range(8):
+        flusher.emit(point(i))
+    return flusher
+
+
+async def test_a_retryable_failure_counts_the_stored_part_written_and_retries_the_rest() -> None:
+    sink = PartSink([SinkError("busy", retryable=True, status=503)])
+    flusher = part_flusher(sink)
+    await flusher.flush()
+    stats = flusher.stats()["scripted"]
+    assert (stats["written"], stats["buffered"], stats["retries"]) == (4, 4, 1)
+    assert_invariant(stats)
+    await flusher.flush()
+    assert sink.seen == [list(range(8)), [1, 3, 5, 7]]  # the stored part never again
+    assert sorted(sink.stored) == list(range(8))
+    assert flusher.stats()["scripted"]["written"] == 8
+    await flusher.close()
+
+
+async def test_a_refused_batch_rejects_only_its_pending_points() -> None:
+    sink = PartSink([SinkError("refused", retryable=False, status=400, delivered=1)])
+    flusher = part_flusher(sink)
+    await flusher.flush()
+    stats = flusher.stats()["scripted"]
+    assert (stats["written"], stats["dropped"]["rejected"], stats["buffered"]) == (4, 4, 0)
+    await flusher.close()
+
+
+async def test_a_413_splits_only_the_pending_points() -> None:
+    sink = PartSink([BatchTooLarge()])
+    flusher = part_flusher(sink)
+    await flusher.flush()
+    assert sink.seen == [list(range(8)), [1, 3], [5, 7]]
+    stats = flusher.stats()["scripted"]
+    assert (stats["written"], stats["dropped"]["rejected"]) == (8, 0)
+    await flusher.close()
+
+
+async def test_nothing_pending_after_a_retryable_failure_is_all_written() -> None:
+    class AllStored(PartSink):
+        async def write(self, points: Sequence[Point]) -> None:
+            self.seen.append([p.time_ns for p in points])
+            raise SinkError("answer lost, rows found", retryable=True, pending=[])
+
+    sink = AllStored()
+    flusher = part_flusher(sink)
+    await flusher.flush()
+    stats = flusher.stats()["scripted"]
+    assert (stats["written"], stats["buffered"], stats["retries"]) == (8, 0, 0)
+    await flusher.close()
+
+
+async def test_at_shutdown_the_stored_part_of_a_pending_batch_is_written() -> None:
+    busy = [SinkError("busy", retryable=True, status=503) for _ in range(100)]
+    sink = PartSink(busy)
+    flusher = part_flusher(sink, shutdown_timeout=0.2, retry_max_delay=0.05)
+    await flusher.start()
+    await flusher.close()
+    stats = flusher.stats()["scripted"]
+    assert (stats["written"], stats["dropped"]["shutdown"]) == (len(set(sink.stored)), 4)
+    assert stats["written"] == 4
+    assert_invariant(stats)
+
+
+async def test_a_sink_that_writes_again_after_failing_says_so_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = iter([100.0, 107.5])  # the first failure, then the write that succeeds
+    monkeypatch.setattr("lunamon.flusher._now", lambda: next(clock))
+    errors: list[BaseException | None] = [
+        ConnectionRefusedError("refused"),
+        SinkError("503", retryable=True, status=503),
+    ]
+    sink = ScriptedSink(errors)
+    flusher = Flusher([sink], FAST)
+    channel = flusher._channels[0]
+    for i in range(4):
+        flusher.emit(point(i))
+    with capture_logs() as logs:
+        assert not await flusher._attempt_all(channel)
+        assert not await flusher._attempt_all(channel)
+        channel.dropped["overflow"] += 2  # as if two were dropped during the outage
+        channel.emitted += 2
+        flusher.emit(point(4))
+        assert await flusher._attempt_all(channel)  # back: the whole backlog at once
+        flusher.emit(point(5))
+        assert await flusher._attempt_all(channel)  # no second line
+    recovered = [e for e in logs if e["event"] == "sink_recovered"]
+    assert recovered == [
+        {
+            "event": "sink_recovered",
+            "log_level": "info",
+            "sink": "scripted",
+            "down_seconds": 7.5,
+            "delivered_late": 5,
+            "dropped_meanwhile": 2,
+        }
+    ]
+    assert channel.failing is None

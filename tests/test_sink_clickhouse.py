@@ -9,6 +9,8 @@ import enum
 import json
 import math
 import re
+import socket
+import struct
 import threading
 import time
 import traceback
@@ -28,6 +30,7 @@ from _rel_support import (
 )
 from servers import ClickHouseServer, FakeInfluxServer, FakeResponse, free_port
 from structlog.testing import capture_logs
+from yarl import URL
 
 import lunamon
 from lunamon import MONITORING_KEY, Monitoring, MonitoringSettings, Point
@@ -189,6 +192,29 @@ def test_tag_values_that_are_decimal_integers_become_numbers() -> None:
         "f": 1.0,
     }
     assert data == expected_data(Point("request", T0, tags, {"f": 1.0}))
+
+
+def test_int64_bounds_exactly_are_numbers_one_beyond_are_strings(row_path: str) -> None:
+    """The audit's planted bug: int64's minimum itself is a number, as its maximum is."""
+    tags = {
+        "low": "-9223372036854775808",
+        "below": "-9223372036854775809",
+        "high": "9223372036854775807",
+        "above": "9223372036854775808",
+    }
+    point = Point("request", T0, tags, {"f": 1.5})
+    expected = {
+        "low": -9223372036854775808,
+        "below": "-9223372036854775809",
+        "high": 9223372036854775807,
+        "above": "9223372036854775808",
+        "f": 1.5,
+    }
+    assert typed(row_data(point)) == typed(expected)
+    (line,) = encode_rows([point]).decode().splitlines()
+    text = json.loads(line)["data"]
+    assert '"low":-9223372036854775808,' in text
+    assert typed(json.loads(text)) == typed(expected)
 
 
 def test_a_field_wins_over_a_tag_of_the_same_key(row_path: str) -> None:
@@ -434,8 +460,9 @@ async def test_server_killed_and_restarted_mid_run_nothing_lost(
 async def test_a_retried_batch_does_not_send_a_stored_table_again(
     fake_influx: FakeInfluxServer,
 ) -> None:
-    """The request INSERT succeeds, the error INSERT fails retryably: the retry of the same
-    batch sends the error rows only; another batch (a new list) sends both."""
+    """The request INSERT succeeds, the error INSERT fails retryably (refused before it
+    ran: no check needed): the error says the error rows only are pending, and the
+    flusher's retry sends those; another batch sends both tables."""
     overloaded = (
         "Code: 202, e.displayText() = DB::Exception: Too many simultaneous queries for user"
         " default. Current: 1, maximum: 1, e.what() = DB::Exception\n"
@@ -455,7 +482,8 @@ async def test_a_retried_batch_does_not_send_a_stored_table_again(
         assert caught.value.retryable
         assert caught.value.status == 500
         assert "Code 202 too many simultaneous queries" in str(caught.value)
-        await sink.write(batch)
+        assert caught.value.pending == [p for p in batch if p.series == "error"]
+        await sink.write(caught.value.pending)
         await sink.write(list(batch))  # a new batch: both tables
     finally:
         await sink.close()
@@ -475,7 +503,7 @@ async def test_a_retried_batch_does_not_send_a_stored_table_again(
 async def test_a_refused_second_table_counts_the_first_as_written(
     clickhouse: ClickHouseServer, sink_for: Callable[..., ClickHouseSink], db: str
 ) -> None:
-    """``delivered=``: the flusher counts the stored points written, the others rejected."""
+    """``pending``: the flusher counts the stored points written, the others rejected."""
     clickhouse.query(f"CREATE DATABASE {db}")
     clickhouse.query(
         f"CREATE TABLE {db}.request (time Int64, data String) ENGINE = MergeTree() ORDER BY time"
@@ -485,7 +513,7 @@ async def test_a_refused_second_table_counts_the_first_as_written(
     with pytest.raises(SinkError) as caught:
         await sink.write(list(points))
     assert not caught.value.retryable
-    assert caught.value.delivered == 2
+    assert caught.value.pending == [p for p in points if p.series == "error"]
     assert exception_code(caught.value.server_text) == 60
     assert clickhouse.count(db, "request") == 2
 
@@ -559,11 +587,14 @@ async def test_write_after_close_is_not_retryable(
 async def test_connection_refused_is_retryable(db: str) -> None:
     sink = ClickHouseSink(f"http://127.0.0.1:{free_port()}", db, timeout=2.0)
     try:
-        with pytest.raises(SinkError) as caught:
+        with capture_logs() as logs, pytest.raises(SinkError) as caught:
             await sink.write(seed_points())
     finally:
         await sink.close()
     assert caught.value.retryable
+    assert caught.value.pending == seed_points()
+    # Nothing reached a server: nothing to check before the retry.
+    assert "clickhouse_insert_unsure" not in [e["event"] for e in logs]
 
 
 # --------------------------------------------------------------------------- credentials
@@ -795,3 +826,466 @@ def test_classification_of_answers_the_test_server_cannot_give() -> None:
         401, "Code: 193, Wrong password pw-s3cret-x", secrets=["pw-s3cret-x"]
     )
     assert "pw-s3cret-x" not in str(error)
+
+
+# --------------------------------------------------------------------------- ambiguous writes
+# RELIABILITY.md 35-36: a write whose outcome is unknown (the server paused past the
+# sink's timeout, the connection reset or a 5xx after the body went out) is checked
+# before it is sent again; a batch stored in part is accounted per table.
+
+
+def many_points(count: int, start: int = T0, series: tuple[str, ...] = ("request",)) -> list[Point]:
+    """``count`` points per series, times unique per series (as a service's are)."""
+    tags = {"service": "luna-events", "route": "POST:/events", "status_code": "204"}
+    return [
+        Point(name, start + i * 1_000, tags, {"request_id": f"{name}-{i}", "execution_time": 1.5})
+        for i in range(count)
+        for name in series
+    ]
+
+
+def times_of(server: ClickHouseServer, db: str, table: str) -> list[int]:
+    return [int(line) for line in server.query(f"SELECT time FROM {db}.{table}").split()]
+
+
+class FaultyProxy:
+    """A TCP proxy on loopback before a real server. Requests pass through; for the next
+    ``faults`` INSERTs (into ``table`` when given) it lets the server store the body and
+    answer, then, instead of that answer, resets the connection (``mode="reset"``) or
+    answers ``502`` (``mode="502"``): the client cannot know the rows are stored. With
+    ``mode="503"`` the INSERT never reaches the server: 503, nothing stored."""
+
+    def __init__(self, upstream_port: int, mode: str, faults: int = 1, table: str = "") -> None:
+        self.upstream_port = upstream_port
+        self.mode = mode
+        self.faults = faults
+        self.table = table
+        self.request_lines: list[str] = []
+        self.faulted = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> FaultyProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Every connection closed, to the server too: an idle keep-alive connection left
+        # open would hold the server's shutdown until its keep-alive timeout.
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    def _victim(self, line: str) -> bool:
+        wanted = "INSERT" in line and (not self.table or f"%60{self.table}%60" in line)
+        return wanted and self.faulted < self.faults
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers.update((writer, up_writer))
+        current = [""]  # the request line of the request being answered
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                if data.startswith(b"POST ") or data.startswith(b"GET "):
+                    current[0] = data.split(b"\r\n", 1)[0].decode("latin-1")
+                    self.request_lines.append(current[0])
+                    if self.mode == "503" and self._victim(current[0]):
+                        self.faulted += 1
+                        writer.write(
+                            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n"
+                            b"Connection: close\r\n\r\nbusy"
+                        )
+                        await writer.drain()
+                        writer.close()
+                        up_writer.close()
+                        return
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        task = asyncio.ensure_future(upstream())
+        self._tasks.add(task)
+        try:
+            while data := await up_reader.read(65536):
+                if self._victim(current[0]):  # the server stored it and answers now
+                    self.faulted += 1
+                    if self.mode == "502":
+                        writer.write(
+                            b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\n"
+                            b"Connection: close\r\n\r\nbad"
+                        )
+                        await writer.drain()
+                    else:
+                        # SO_LINGER 0: the close sends a reset, not a FIN.
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            task.cancel()
+            writer.close()
+            up_writer.close()
+            self._tasks.discard(task)
+
+
+@pytest.mark.parametrize("mode", ["reset", "502"])
+async def test_a_lost_answer_after_the_body_stores_the_batch_once(
+    clickhouse: ClickHouseServer, db: str, mode: str
+) -> None:
+    """The server stores the INSERT, the answer is lost (reset) or replaced (a proxy's
+    502): the retry checks the table, finds the rows, sends nothing, counts them written."""
+    points = many_points(30)
+    async with FaultyProxy(clickhouse.port, mode) as proxy:
+        sink = ClickHouseSink(proxy.url, db, timeout=5.0)
+        monitoring = Monitoring(
+            MonitoringSettings(service="t", batch_size=1000, retry_base_delay=0.01), [sink]
+        )
+        await monitoring.start()
+        with capture_logs() as logs:
+            for point in points:
+                monitoring.emit(point)
+            await monitoring.flush()
+            assert stats_of(monitoring)["written"] == 0  # unknown yet: not counted
+            await monitoring.flush()
+        stats = stats_of(monitoring)
+        await monitoring.close()
+    assert proxy.faulted == 1
+    assert (stats["written"], stats["retries"], stats["buffered"]) == (30, 1, 0)
+    assert sorted(times_of(clickhouse, db, "request")) == [p.time_ns for p in points]
+    assert [e["query_id"] for e in logs if e["event"] == "clickhouse_insert_unsure"]
+    inserts = [line for line in proxy.request_lines if "INSERT" in line]
+    assert len(inserts) == 1  # the check found every row: nothing sent again
+    assert "query_id=lunamon-" in inserts[0]
+
+
+async def test_a_refused_connection_leaves_nothing_to_check(
+    clickhouse: ClickHouseServer, db: str
+) -> None:
+    """The server went away between two writes (connection refused): the INSERT never
+    left, so its table is not unsure and the next INSERT is not checked."""
+    sink = ClickHouseSink(clickhouse.url, db, timeout=5.0)
+    try:
+        async with FaultyProxy(clickhouse.port, "reset", faults=0) as proxy:
+            sink._base = URL(proxy.url)  # the schema is known: the next request is the INSERT
+            await sink.write(many_points(1))
+        await sink.close()
+        await sink.start()
+        with capture_logs() as logs, pytest.raises(SinkError) as caught:
+            await sink.write(many_points(2))
+        assert caught.value.retryable
+        assert "clickhouse_insert_unsure" not in [e["event"] for e in logs]
+        assert not sink._unsure
+    finally:
+        await sink.close()
+
+
+async def test_a_table_dropped_after_an_unsure_insert_is_created_and_written(
+    clickhouse: ClickHouseServer, db: str
+) -> None:
+    """The check meets no table (60/81): it holds none of the points; the INSERT creates it."""
+    async with FaultyProxy(clickhouse.port, "reset") as proxy:
+        sink = ClickHouseSink(proxy.url, db, timeout=5.0)
+        try:
+            with pytest.raises(SinkError):
+                await sink.write(many_points(3))
+            clickhouse.drop_database(db)
+            await sink.write(many_points(3))
+        finally:
+            await sink.close()
+    assert sorted(times_of(clickhouse, db, "request")) == [p.time_ns for p in many_points(3)]
+
+
+async def test_a_check_sends_only_the_rows_missing(clickhouse: ClickHouseServer, db: str) -> None:
+    """After an unsure INSERT, the next INSERT into the table sends only what is not there,
+    under the unsure INSERT's query_id; the INSERT after that is not checked."""
+    first, more = many_points(10), many_points(5, start=T0 + 10_000)
+    async with FaultyProxy(clickhouse.port, "reset") as proxy:
+        sink = ClickHouseSink(proxy.url, db, timeout=5.0)
+        try:
+            with pytest.raises(SinkError) as caught:
+                await sink.write(first)
+            assert caught.value.retryable
+            assert caught.value.pending == first
+            await sink.write([*first, *more])  # the stored ten are left out
+            await sink.write(many_points(1, start=T0 + 50_000))
+        finally:
+            await sink.close()
+    assert sorted(times_of(clickhouse, db, "request")) == sorted(
+        p.time_ns for p in [*first, *more, *many_points(1, start=T0 + 50_000)]
+    )
+    lines = [line for line in proxy.request_lines if "query_id=" in line]
+    ids = [re.search(r"query_id=([^& ]+)", line)[1] for line in lines]  # type: ignore[index]
+    assert len(lines) == 4  # INSERT, the check (SELECT), INSERT of the five, INSERT
+    assert "INSERT" not in lines[1]
+    assert ids[0] == ids[1] == ids[2] != ids[3]
+
+
+async def test_a_check_while_the_unsure_insert_still_runs_is_retried(
+    clickhouse: ClickHouseServer, db: str, fake_influx: FakeInfluxServer
+) -> None:
+    """216 (a query with that id still runs) is retryable and keeps the INSERT unsure."""
+    running = (
+        "Code: 216, e.displayText() = DB::Exception: Query with id = x is already running.,"
+        " e.what() = DB::Exception\n"
+    )
+    fake_influx.program(
+        FakeResponse(200, "Int64\n"),  # system.columns
+        FakeResponse(502, "bad gateway"),  # INSERT: unsure
+        FakeResponse(500, running),  # the check
+        FakeResponse(500, running),  # the check again
+        FakeResponse(200, ""),  # the check: nothing there
+        FakeResponse(200),  # INSERT
+    )
+    sink = ClickHouseSink(fake_influx.url, db, create_tables=False)
+    points = many_points(3)
+    try:
+        for _ in range(3):
+            with pytest.raises(SinkError) as caught:
+                await sink.write(points)
+            assert caught.value.retryable
+            assert caught.value.pending == points
+        assert "Code 216" in str(caught.value)
+        await sink.write(points)
+    finally:
+        await sink.close()
+    ids = {r.query.get("query_id") for r in fake_influx.requests[1:]}
+    assert len(ids) == 1
+    assert None not in ids
+
+
+async def test_a_check_waits_for_the_unsure_insert_still_running_on_the_server(
+    clickhouse: ClickHouseServer, db: str
+) -> None:
+    """The real 216: an INSERT slower than the sink's timeout (a materialized view sleeps
+    1.5 s) still runs when the retry comes; its check, under the same query_id, is
+    refused until it ends, then finds its rows: nothing is sent twice."""
+    clickhouse.query(f"CREATE DATABASE {db}")
+    clickhouse.query(
+        f"CREATE TABLE {db}.request (time Int64, data String) ENGINE = MergeTree() ORDER BY time"
+    )
+    clickhouse.query(
+        f"CREATE MATERIALIZED VIEW {db}.slow ENGINE = Memory AS SELECT sleep(1.5) AS s"
+        f" FROM {db}.request"
+    )
+    points = many_points(5)
+    sink = ClickHouseSink(clickhouse.url, db, create_tables=False, timeout=0.5)
+    refused: list[str] = []
+    try:
+        with pytest.raises(SinkError) as caught:
+            await sink.write(points)  # times out: stored later
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                await sink.write(caught.value.pending or points)
+                break
+            except SinkError as exc:
+                refused.append(str(exc))
+                await asyncio.sleep(0.05)
+    finally:
+        await sink.close()
+    assert any("Code 216" in text for text in refused)
+    assert sorted(times_of(clickhouse, db, "request")) == [p.time_ns for p in points]
+
+
+async def test_a_paused_server_past_the_timeout_stores_every_point_once(
+    clickhouse_factory: Callable[..., ClickHouseServer], db: str
+) -> None:
+    """SIGSTOP under a few batches, longer than the sink's timeout, then SIGCONT: the
+    INSERT that timed out is stored when the server resumes; the retry checks first."""
+    server = clickhouse_factory()
+    sink = ClickHouseSink(server.url, db, timeout=0.5)
+    settings = MonitoringSettings(
+        service="t",
+        batch_size=20,
+        flush_interval=0.05,
+        retry_base_delay=0.05,
+        retry_max_delay=0.2,
+        max_retries=1000,
+    )
+    monitoring = Monitoring(settings, [sink])
+    await monitoring.start()
+    points = many_points(40, series=("request", "error"))
+    try:
+        for point in points[:20]:
+            monitoring.emit(point)
+        await eventually(lambda: stats_of(monitoring)["written"] == 20, what="first batch")
+        await asyncio.to_thread(server.pause)
+        try:
+            with capture_logs() as logs:
+                for point in points[20:]:
+                    monitoring.emit(point)
+                await eventually(lambda: stats_of(monitoring)["retries"] >= 2, what="timeouts")
+        finally:
+            await asyncio.to_thread(server.resume)
+        await eventually(
+            lambda: stats_of(monitoring)["written"] == len(points), timeout=20, what="all"
+        )
+        stats = stats_of(monitoring)
+    finally:
+        await monitoring.close()
+        await asyncio.to_thread(server.resume)
+    assert any(e["event"] == "clickhouse_insert_unsure" for e in logs)
+    for table in ("request", "error"):
+        assert sorted(times_of(server, db, table)) == sorted(
+            p.time_ns for p in points if p.series == table
+        )
+    assert stats["written"] == server.count(db, "request") + server.count(db, "error")
+
+
+async def test_a_batch_stored_in_part_is_accounted_per_table_until_shutdown(
+    clickhouse: ClickHouseServer, db: str
+) -> None:
+    """The request INSERT is stored, the error INSERT refused (503) every time: the request
+    rows are written at once, never sent again; at shutdown only the error rows are
+    dropped."""
+    points = many_points(10, series=("request", "error"))
+    async with FaultyProxy(clickhouse.port, "503", faults=1000, table="error") as proxy:
+        sink = ClickHouseSink(proxy.url, db, timeout=5.0)
+        settings = MonitoringSettings(
+            service="t", batch_size=1000, retry_base_delay=0.01, shutdown_timeout=0.5
+        )
+        monitoring = Monitoring(settings, [sink])
+        await monitoring.start()
+        for point in points:
+            monitoring.emit(point)
+        await monitoring.flush()
+        middle = stats_of(monitoring)
+        await monitoring.flush()
+        await monitoring.close()
+        final = stats_of(monitoring)
+    assert (middle["written"], middle["buffered"]) == (10, 10)
+    assert (final["written"], final["dropped"]["shutdown"]) == (10, 10)
+    assert clickhouse.count(db, "request") == 10
+    assert clickhouse.count(db, "error") == 0
+    assert sum("INSERT" in line and "%60request%60" in line for line in proxy.request_lines) == 1
+
+
+async def test_a_half_refused_batch_retries_only_the_failed_table(
+    clickhouse: ClickHouseServer, db: str
+) -> None:
+    """The partial-INSERT retry against the real server: error's INSERT fails retryably
+    (502, then passed), the retry sends the error rows only: request holds each once."""
+    points = many_points(10, series=("request", "error"))
+    async with FaultyProxy(clickhouse.port, "502", faults=1, table="error") as proxy:
+        sink = ClickHouseSink(proxy.url, db, timeout=5.0)
+        monitoring = Monitoring(
+            MonitoringSettings(service="t", batch_size=1000, retry_base_delay=0.01), [sink]
+        )
+        await monitoring.start()
+        for point in points:
+            monitoring.emit(point)
+        await monitoring.flush()
+        await monitoring.flush()
+        stats = stats_of(monitoring)
+        await monitoring.close()
+    assert (stats["written"], stats["buffered"]) == (20, 0)
+    assert clickhouse.count(db, "request") == clickhouse.count(db, "error") == 10
+
+
+async def test_a_distributed_table_is_written_synchronously_and_checked(
+    clickhouse: ClickHouseServer, db: str
+) -> None:
+    """DESIGN.md §4b: a Distributed table (over the test server's one-shard cluster) gets
+    ``insert_distributed_sync=1``, so that the check after an unsure INSERT sees its rows."""
+    clickhouse.query(f"CREATE DATABASE {db}")
+    for table in ("request", "error"):
+        clickhouse.query(
+            f"CREATE TABLE {db}.{table}_local (time Int64, data String)"
+            " ENGINE = MergeTree() ORDER BY time"
+        )
+        clickhouse.query(
+            f"CREATE TABLE {db}.{table} (time Int64, data String)"
+            f" ENGINE = Distributed(one_shard, {db}, {table}_local, rand())"
+        )
+    points = many_points(25, series=("request", "error"))
+    async with FaultyProxy(clickhouse.port, "reset", faults=2) as proxy:
+        sink = ClickHouseSink(proxy.url, db, timeout=5.0)
+        monitoring = Monitoring(
+            MonitoringSettings(service="t", batch_size=1000, retry_base_delay=0.01), [sink]
+        )
+        await monitoring.start()
+        for point in points:
+            monitoring.emit(point)
+        for _ in range(3):
+            await monitoring.flush()
+        stats = stats_of(monitoring)
+        await monitoring.close()
+    assert proxy.faulted == 2
+    assert (stats["written"], stats["buffered"]) == (50, 0)
+    # Rows an asynchronous insert queued (files in the Distributed table's folder) arrive
+    # later: wait for them, then count.
+    queues = [clickhouse.root / "data" / "data" / db / table for table in ("request", "error")]
+    await eventually(
+        lambda: not [f for q in queues for f in q.rglob("*.bin")], what="distributed queues"
+    )
+    for table in ("request", "error"):
+        assert sorted(times_of(clickhouse, db, f"{table}_local")) == sorted(
+            p.time_ns for p in points if p.series == table
+        )
+    inserts = [line for line in proxy.request_lines if "INSERT" in line]
+    assert inserts
+    assert all("insert_distributed_sync=1" in line for line in inserts)
+
+
+async def test_a_coarse_time_column_keys_the_check_on_time_and_data(
+    clickhouse: ClickHouseServer, db: str
+) -> None:
+    """A DateTime ``time`` (seconds): points of one second differ by their ``data``; the
+    check leaves out those held (same second, same data) and sends the others."""
+    clickhouse.query(f"CREATE DATABASE {db}")
+    clickhouse.query(
+        f"CREATE TABLE {db}.request (time DateTime, data String) ENGINE = MergeTree() ORDER BY time"
+    )
+    points = many_points(10)  # all in one second
+    sink = ClickHouseSink(clickhouse.url, db, create_tables=False, check_existing=True)
+    try:
+        await sink.write(points[:4])
+        await sink.write(points)  # the first four are there: six sent
+        await sink.write(points)  # all there: nothing sent
+    finally:
+        await sink.close()
+    rows = clickhouse.rows(f"SELECT data FROM {db}.request")
+    ids = [json.loads(row["data"])["request_id"] for row in rows]
+    assert sorted(ids) == sorted(str(p.fields["request_id"]) for p in points)
+
+
+async def test_points_a_dead_process_may_have_stored_are_checked_once(
+    clickhouse: ClickHouseServer, db: str
+) -> None:
+    """``spool_dir``'s replay marks the points it sends again: the INSERT carrying them
+    leaves out those stored already; once checked, they are written as usual."""
+    stored, lost = many_points(6), many_points(4, start=T0 + 6 * 10_000)
+    before = ClickHouseSink(clickhouse.url, db)  # the process that died after this write
+    try:
+        await before.write(stored)
+    finally:
+        await before.close()
+    sink = ClickHouseSink(clickhouse.url, db)
+    try:
+        sink.mark_possibly_stored([*stored, *lost])
+        await sink.write([*stored, *lost])
+        assert not sink._recheck  # checked: forgotten
+        later = many_points(2, start=T0 + 20 * 10_000)
+        await sink.write(later)
+    finally:
+        await sink.close()
+    assert sorted(times_of(clickhouse, db, "request")) == sorted(
+        p.time_ns for p in [*stored, *lost, *later]
+    )

@@ -282,6 +282,25 @@ async def test_a_refused_chunked_body_is_sent_whole_from_then_on(
         assert not sink.stream
 
 
+async def test_the_whole_body_after_a_411_holds_every_point_of_a_big_batch(
+    clickhouse: ClickHouseServer, ch_sink: Callable[..., ClickHouseSink], db: str
+) -> None:
+    """The audit's planted bug: bodies encoded whole are built 100 points at a time; a
+    batch of 250 (three chunks) must arrive whole, and the server must store it all."""
+    points = seed(250)
+    async with FakeInfluxServer(default=FakeResponse(200)) as fake:
+        fake.program(FakeResponse(200), FakeResponse(411, "Length Required"))
+        sink = ch_sink(db, url=fake.url, create_tables=False, gzip=False)
+        await sink.write(points)
+        inserts = [r for r in fake.requests if "INSERT" in r.query.get("query", "")]
+        assert inserts[-1].body == encode_rows(points)
+    real = ch_sink(db)
+    real.stream = False  # as after a 411
+    await real.start()
+    await real.write(points)
+    assert clickhouse.count(db, "request") == 250
+
+
 async def test_a_stream_cut_off_mid_body_stores_nothing(
     clickhouse: ClickHouseServer,
     ch_sink: Callable[..., ClickHouseSink],
@@ -361,13 +380,11 @@ async def test_a_retry_sends_only_the_parts_not_stored(
     with pytest.raises(SinkError) as caught:
         await sink.write(points)
     assert caught.value.retryable
+    assert caught.value.pending == points[1000:2000]  # the flusher retries only those
     first = len(fake_influx.requests)
-    await sink.write(points)  # the flusher retries the same list
+    await sink.write(caught.value.pending)
     again = [r.body for r in fake_influx.requests[first:]]
     assert sorted(lines_of(again)) == sorted(encode_lines(points[1000:2000]).splitlines())
-    # another batch (even equal) is sent whole
-    await sink.write(list(points))
-    assert len(fake_influx.requests) == first + 1 + 3
 
 
 async def test_a_refused_part_leaves_the_others_stored_and_counted(
@@ -400,9 +417,69 @@ async def test_a_413_on_a_part_splits_the_batch(
 ) -> None:
     sink = influx_sink(db, port=fake_influx.port, create_database=False)
     fake_influx.program(FakeResponse(204), FakeResponse(413, "too large"))
-    with pytest.raises(BatchTooLarge):
-        await sink.write(seed(2000))
-    assert sink._progress is None  # the halves are new lists: nothing to resume
+    points = seed(2000)
+    with pytest.raises(BatchTooLarge) as caught:
+        await sink.write(points)
+    assert caught.value.pending == points[1000:]  # the flusher splits only those
+
+
+async def test_a_refused_part_and_a_retryable_one_retry_both_then_refuse_one(
+    fake_influx: FakeInfluxServer, influx_sink: Callable[..., InfluxDBSink], db: str
+) -> None:
+    """One part stored, one refused (400), one answered 503: the error is retryable and
+    both unstored parts are pending (the 503 part is not dropped with the refused one);
+    the retry stores one and refuses the other, which alone is pending then."""
+    sink = influx_sink(db, port=fake_influx.port, create_database=False)
+    fake_influx.program(
+        FakeResponse(204),
+        FakeResponse(400, '{"error":"partial write: field type conflict"}'),
+        FakeResponse(503, "overloaded"),
+        FakeResponse(400, '{"error":"partial write: field type conflict"}'),
+        FakeResponse(204),
+    )
+    points = seed(3000)
+    with pytest.raises(SinkError) as caught:
+        await sink.write(points)
+    assert caught.value.retryable
+    first = caught.value.pending
+    assert first is not None
+    assert len(first) == 2000
+    with pytest.raises(SinkError) as again:
+        await sink.write(first)
+    assert not again.value.retryable
+    assert again.value.pending is not None
+    assert len(again.value.pending) == 1000
+    assert len(fake_influx.requests) == 5
+
+
+async def test_a_stored_part_is_counted_written_at_once_and_never_sent_again(
+    fake_influx: FakeInfluxServer, influx_sink: Callable[..., InfluxDBSink], db: str
+) -> None:
+    """Through the flusher: part 1 stored, part 2 answered 503; stats count part 1 written
+    before the retry, and the retry (the stored part left out) sends part 2 only."""
+    sink = influx_sink(db, port=fake_influx.port, create_database=False)
+    fake_influx.program(FakeResponse(204), FakeResponse(503, "overloaded"), FakeResponse(204))
+    points = seed(2000)
+    settings_ = lunamon.MonitoringSettings(
+        service="s", batch_size=4000, flush_interval=60.0, retry_base_delay=30.0
+    )  # no batch completes: only flush() writes
+    monitoring = lunamon.Monitoring(settings_, [sink])
+    await monitoring.start()
+    try:
+        for point in points:
+            monitoring.emit(point)
+        await monitoring.flush()
+        stats = monitoring.stats()["influxdb"]
+        assert_invariant(monitoring.stats())
+        assert (stats["written"], stats["buffered"]) == (1000, 1000)
+        await monitoring.flush()
+        assert monitoring.stats()["influxdb"]["written"] == 2000
+    finally:
+        await monitoring.close()
+    bodies = [r.body for r in fake_influx.requests]
+    assert sorted(lines_of(bodies)) == sorted(
+        encode_lines(points).splitlines() + encode_lines(points[1000:]).splitlines()
+    )
 
 
 async def test_a_down_server_gets_no_more_parts(influx_sink: Callable[..., InfluxDBSink]) -> None:

@@ -31,10 +31,12 @@ from lunamon.flusher import SinkStats
 from lunamon.point import FieldValue, Point
 from lunamon.sinks._http import classify_exception, read_error_body, truncate
 from lunamon.sinks.clickhouse import (
+    DEFAULT_DATABASE,
     ClickHouseSink,
     classify_clickhouse_response,
     quote_identifier,
     quote_string,
+    url_database,
 )
 
 __all__ = [
@@ -49,7 +51,6 @@ __all__ = [
     "since_ns",
 ]
 
-DEFAULT_DATABASE: Final = "luna_monitoring"
 _PORTS: Final = {"http": 8123, "https": 8443}
 _UNITS_NS: Final = {
     "ns": 1,
@@ -111,7 +112,8 @@ class ClickHouseTarget:
 
 def parse_clickhouse_url(url: str, database: str | None = None) -> ClickHouseTarget:
     """``http[s]://[user:password@]host[:port][/database]`` (port 8123, or 8443 for https;
-    database ``luna_monitoring``); ``database`` overrides the path."""
+    database ``luna_monitoring``): the path or ``database`` names it, as for the sink
+    (:func:`~lunamon.sinks.clickhouse.url_database`)."""
     parts = urlsplit(url)
     if parts.scheme not in _PORTS:
         raise ClickHouseURLError(f"{_shown(url)!r}: expected http://host:8123[/database]")
@@ -121,15 +123,16 @@ def parse_clickhouse_url(url: str, database: str | None = None) -> ClickHouseTar
         raise ClickHouseURLError(f"{_shown(url)!r}: {exc}") from None
     if not host:
         raise ClickHouseURLError(f"{_shown(url)!r}: no host")
-    path_db = unquote(parts.path.strip("/"))
-    if "/" in path_db:
-        raise ClickHouseURLError(f"{_shown(url)!r}: the path must be just the database name")
+    try:
+        named = url_database(parts.path, database)
+    except ValueError as exc:
+        raise ClickHouseURLError(f"{_shown(url)!r}: {exc}") from None
     if parts.query or parts.fragment:
         raise ClickHouseURLError(f"{_shown(url)!r}: unexpected query or fragment")
     shown_host = f"[{host}]" if ":" in host else host
     return ClickHouseTarget(
         url=f"{parts.scheme}://{shown_host}:{port or _PORTS[parts.scheme]}",
-        database=database or path_db or DEFAULT_DATABASE,
+        database=named,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
     )
@@ -338,11 +341,12 @@ async def send_points(
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, SinkStats]:
     """Write ``points`` to ``target`` through a :class:`Monitoring` (batches, retries,
-    accounting as in a service); the stats once every point is written or dropped."""
+    accounting as in a service), those the tables hold already left out (the same
+    points sent twice are stored once); the stats once every point is written or dropped."""
     await ping(target)
     return await deliver(
         points,
-        target.sink(),
+        target.sink(check_existing=True),
         batch_size=batch_size,
         max_retries=max_retries,
         on_progress=on_progress,

@@ -95,7 +95,8 @@ class InfluxTarget:
 
 
 def parse_influx_url(url: str, database: str | None = None) -> InfluxTarget:
-    """``http://[user:password@]host[:port]/database``; ``database`` overrides the path."""
+    """``http://[user:password@]host[:port]/database``, or the database as ``database``
+    (both, naming different databases, are refused: one rule with ``--clickhouse``)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise InfluxURLError(f"{_shown(url)!r}: expected http://host:port/database")
@@ -108,6 +109,11 @@ def parse_influx_url(url: str, database: str | None = None) -> InfluxTarget:
     path_db = unquote(parts.path.strip("/"))
     if "/" in path_db:
         raise InfluxURLError(f"{_shown(url)!r}: the path must be just the database name")
+    if path_db and database is not None and database != path_db:
+        raise InfluxURLError(
+            f"{_shown(url)!r}: the URL names database {path_db!r} and --database is"
+            f" {database!r}: give one of them"
+        )
     name = database or path_db
     if not name:
         raise InfluxURLError(

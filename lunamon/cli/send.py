@@ -10,6 +10,11 @@ a monitored service. Memory stays flat: the reader is held back while
 write attempt ends. Into InfluxDB, the lines the reader
 checked on its fast path are forwarded as they were read (:func:`forwarded`),
 not rebuilt into points and encoded again.
+
+Sending a file twice stores each point once: InfluxDB keeps one point per series,
+tag set and time; into ClickHouse, whose tables keep every row, each INSERT first
+asks which of its points' times the table holds and sends the others only
+(:class:`~lunamon.sinks.clickhouse.ClickHouseSink`'s ``check_existing``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from lunamon.point import FieldValue, Point
 from lunamon.settings import MonitoringSettings
 from lunamon.sinks._http import compress
 from lunamon.sinks.base import Sink, sink_name
+from lunamon.sinks.clickhouse import ClickHouseSink
 from lunamon.sinks.influxdb import InfluxDBSink
 
 __all__ = ["deliver", "forwarded", "send_points"]
@@ -133,6 +139,7 @@ async def deliver(
     max_retries: int = MAX_RETRIES,
     on_progress: Callable[[int], None] | None = None,
     window: int = WINDOW,
+    check_existing: bool = True,
 ) -> dict[str, SinkStats]:
     """``points`` into ``sink`` through a :class:`Monitoring` (batches, retries and
     accounting as in a service), taken from the iterable as the sink keeps up (at most
@@ -140,8 +147,13 @@ async def deliver(
 
     Several sinks (of one destination) are several connections: one Monitoring each,
     the batches dealt out in turn, their stats added up under the first sink's name.
-    ``on_progress`` gets the number of points written or dropped so far."""
+    ``on_progress`` gets the number of points written or dropped so far. With
+    ``check_existing`` (the default), a ClickHouse sink sends only the points its table
+    does not hold yet: the same points twice are stored once."""
     sinks = [sink] if isinstance(sink, Sink) else list(sink)
+    for one in sinks:
+        if check_existing and isinstance(one, ClickHouseSink):
+            one.check_existing = True
     attempted = asyncio.Event()
     settings = MonitoringSettings(
         service="lunamon-send",

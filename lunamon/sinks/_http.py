@@ -436,11 +436,11 @@ class HTTPSink:
     :class:`SinkError`.
 
     When every part is stored the batch is. A part refused for its data (400)
-    does not stop the others: the points of the stored parts are counted written
-    (``SinkError.delivered``). After a retryable failure the retry of the same
-    batch sends only the parts not stored. A 413 lets the flusher split the whole
-    batch: a part already stored is sent again, and InfluxDB, keeping one point
-    per series, tag set and time, overwrites it with itself.
+    does not stop the others. When a part fails, the error says which points are
+    not stored (``SinkError.pending``: the parts not stored): the flusher counts
+    the others written at once and retries, refuses or (413) splits only those, so
+    a stored part is never sent again. A retryable failure of one part makes the
+    whole rest retryable (a part refused for its data is refused again then).
     """
 
     name: str
@@ -478,10 +478,6 @@ class HTTPSink:
             ca_file=ca_file,
             plain_credentials=plain_credentials,
         )
-        # The batch of the last write that failed after some of its parts were stored:
-        # (that list, the offsets of the parts stored, its length). The flusher
-        # retries the same list.
-        self._progress: tuple[list[Point], set[int], int] | None = None
 
     async def start(self) -> None:
         """Open the HTTP session (no request is made: a down server is found at the write)."""
@@ -493,16 +489,11 @@ class HTTPSink:
             return
         self._http.open()  # a closed sink fails here, before any work
         batch = points if isinstance(points, list) else list(points)
-        progress, self._progress = self._progress, None
         stored: set[int] = set()
-        if progress is not None and progress[0] is batch and progress[2] == len(batch):
-            stored = progress[1]
         step = self.part_size
         sent: list[tuple[int, int, asyncio.Task[None]]] = []  # offset, points, request
         try:
             for offset in range(0, len(batch), step):
-                if offset in stored:
-                    continue
                 if any(task.done() and _stops(task) for _, _, task in sent):
                     break  # the rest would fail alike (server down, credentials)
                 part = batch[offset : offset + step]
@@ -531,15 +522,21 @@ class HTTPSink:
                 failures.append(failure)
         if not failures:
             return
-        delivered = sum(min(step, len(batch) - offset) for offset in stored)
+        pending = [
+            point
+            for offset in range(0, len(batch), step)
+            if offset not in stored
+            for point in batch[offset : offset + step]
+        ]
         retry = [f for f in failures if isinstance(f, SinkError) and f.retryable]
-        if len(retry) == len(failures):
-            self._progress = (batch, stored, len(batch))
-            raise retry[0]
         final = [f for f in failures if not isinstance(f, SinkError) or not f.retryable]
-        error = next((f for f in final if not isinstance(f, BatchTooLarge)), final[0])
-        if isinstance(error, SinkError) and not isinstance(error, BatchTooLarge):
-            error.delivered = delivered
+        error = (
+            retry[0]
+            if retry
+            else next((f for f in final if not isinstance(f, BatchTooLarge)), final[0])
+        )
+        if isinstance(error, SinkError):
+            error.pending = pending
         raise error
 
     async def encode(self, batch: list[Point]) -> bytes:

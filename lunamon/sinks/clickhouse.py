@@ -60,15 +60,44 @@ nothing of it is stored. A server or proxy that answers ``411 Length Required``
 gets whole bodies from then on.
 
 **Delivery.** A batch holds both series: each table gets one
-``INSERT INTO db.table FORMAT JSONEachRow`` (gzip-compressed by default). When a
-later INSERT of a batch fails after an earlier one succeeded, the sink remembers
-which tables of that batch (the same list, which the flusher retries) are stored
-and sends only the others on the retry; a failure that is not retried is raised
-with ``delivered=`` the points already stored, so the flusher counts them written.
-A write the server stored but whose answer was lost (a timeout after the commit)
-is sent again: plain MergeTree tables do not deduplicate, so that corner is
-at-least-once. An INSERT answered ``Code: 60`` (unknown table) or ``Code: 81``
-(unknown database) creates them when ``create_tables`` and is sent once more.
+``INSERT INTO db.table FORMAT JSONEachRow`` (gzip-compressed by default), each with
+a ``query_id`` of its own (``lunamon-<random>-<pid>-<count>``). A table refused for
+its data does not stop the others; a retryable failure does (the server is down or
+busy). The :class:`SinkError` raised says which points are not stored (``pending``):
+the flusher counts the tables stored written at once and retries, refuses or splits
+only the rest, so a stored table is never sent again and ``stats()`` says what the
+server holds, at shutdown too.
+
+**Exactly once after an unknown outcome.** Plain MergeTree tables keep every row,
+so an INSERT the server may have stored without saying so (a timeout, a connection
+reset or closed, a 5xx, ``Code: 319`` "unknown status of insert"; not a refused
+connection, nor a code the server answers before running the query: 201, 202, 216)
+leaves its table *unsure*, its query_id remembered. The next INSERT into that table
+(the flusher's retry) first asks which of its points the table holds, with one
+``SELECT time FROM db.table WHERE time BETWEEN <lowest> AND <highest>`` (point times
+are unique per series: lunamon's design), then sends only the others; their count
+is written at once. The check and that INSERT run under the unsure INSERT's
+query_id: while that INSERT still runs (a server resumed after a pause commits it
+then), the server refuses them with ``Code: 216``, retried, so the check does not
+run while the INSERT it checks is running (tested on 18.16). Residual window: 18.16
+registers an HTTP INSERT's query_id only once it has read its body (up to 1 MiB);
+an unsure INSERT not yet registered when the check ran (its connection still
+queued, its body still being read) and run to its end before the INSERT that
+follows the check starts (that one, same query_id, is refused while it runs) is
+stored twice.
+
+Tables whose ``time`` is coarser than nanoseconds (``DateTime``: seconds, where
+points share a second) are checked on the time and the whole ``data`` object
+(parsed, so either encoder's spelling compares equal; ``DateTime64`` alike, through
+functions of servers since 20.5, untested here). A ``Distributed`` table (``engine`` read from
+``system.tables``) is written with ``insert_distributed_sync=1``: an asynchronous
+insert (its default) is forwarded to the shards later, where a check made meanwhile
+would miss it; the sync INSERT's answer waits for the shards. The check costs one
+SELECT after an unsure INSERT only, or before every INSERT with ``check_existing``
+(``lunamon send``: a file sent twice is stored once). A batch still unsure at
+shutdown (the server never answered again) is counted ``shutdown``, though it may
+be stored. An INSERT answered ``Code: 60`` (unknown table) or ``Code: 81`` (unknown
+database) creates them when ``create_tables`` and is sent once more.
 
 Credentials go in the ``X-ClickHouse-User`` / ``X-ClickHouse-Key`` headers, never
 in URLs; errors and logs are redacted. ClickHouse answers errors as text
@@ -82,14 +111,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import math
 import operator
+import os
 import re
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Final
+from urllib.parse import unquote
 
 import aiohttp
 from yarl import URL
@@ -132,6 +165,7 @@ RETRYABLE_CODES: Final[Mapping[int, str]] = {
     209: "socket timeout",
     210: "network error",
     225: "no ZooKeeper",
+    216: "an earlier insert with this query_id is still running",
     236: "aborted",
     241: "memory limit exceeded",
     242: "table is read-only (replica without ZooKeeper)",
@@ -174,6 +208,9 @@ REFUSED_CODES: Final[Mapping[int, str]] = {
 }
 UNKNOWN_TABLE: Final = 60
 UNKNOWN_DATABASE: Final = 81
+SAME_QUERY_ID_RUNNING: Final = 216
+# Refused when the query is registered, before it runs: an INSERT answered so stored nothing.
+_NOT_RUN_CODES: Final = frozenset({201, 202, SAME_QUERY_ID_RUNNING})
 
 _CODE: Final = re.compile(r"\bCode: ([0-9]{1,6})\b")
 _DATETIME64: Final = re.compile(r"(?:Nullable\()?DateTime64\(\s*([0-9])")
@@ -192,6 +229,24 @@ _dumps_ascii = json.JSONEncoder(
 ).encode
 _encode_string: Callable[[str], str] = json.encoder.encode_basestring
 _CACHE_LIMIT: Final = 50_000
+
+
+DEFAULT_DATABASE: Final = "luna_monitoring"
+
+
+def url_database(path: str, database: str | None) -> str:
+    """The database a ClickHouse URL's ``path`` and a ``database`` option name together:
+    the path (``http://host:8123/mydb``), else the option, else ``luna_monitoring``; both,
+    naming different databases, is a ``ValueError`` (the sink and ``lunamon send
+    --clickhouse`` read a URL alike)."""
+    named = unquote(path.strip("/"))
+    if "/" in named:
+        raise ValueError("the URL's path must be just the database name")
+    if named and database is not None and database != named:
+        raise ValueError(
+            f"the URL names database {named!r} and database is {database!r}: give one of them"
+        )
+    return named or database or DEFAULT_DATABASE
 
 
 def quote_identifier(name: str) -> str:
@@ -253,6 +308,24 @@ def classify_clickhouse_response(
 
 def _code_of(exc: SinkError) -> int | None:
     return exception_code(exc.server_text)
+
+
+class _NotSent(SinkError):
+    """A request that failed before anything of it reached the server (no connection)."""
+
+
+def _not_stored(exc: SinkError) -> bool:
+    """Whether a failed INSERT certainly stored nothing: refused (its data, the SQL, the
+    rights: a body of one block, under ``max_insert_block_size`` rows, is refused
+    whole) or never sent. A timeout, a reset or a 5xx after the body went out may
+    have stored it all."""
+    return not exc.retryable or isinstance(exc, _NotSent) or _code_of(exc) in _NOT_RUN_CODES
+
+
+def _canonical(data: str) -> str:
+    """A ``data`` object's text in one spelling (keys sorted, numbers as Python writes
+    them), so that the rows of two encoders compare equal."""
+    return json.dumps(json.loads(data), sort_keys=True, separators=(",", ":"))
 
 
 # --------------------------------------------------------------------------- encoding
@@ -564,7 +637,7 @@ class ClickHouseSink(HTTPSink):
     ``allow_plain_credentials=True``.
 
     :param url: the HTTP interface, ``http://host:8123`` or ``https://host:8443`` (no credentials)
-    :param database: the database of the tables (LUNA's default ``luna_monitoring``)
+    :param database: the tables' database: the URL's path, else this, else ``luna_monitoring``
     :param username: the ClickHouse user, sent in ``X-ClickHouse-User``
     :param password: that user's password, sent in ``X-ClickHouse-Key`` (a secret: never shown)
     :param create_tables: create the database and the series' tables when missing
@@ -575,6 +648,9 @@ class ClickHouseSink(HTTPSink):
     :param ca_file: a PEM file of CAs trusted besides the system's
     :param name: the sink's name in ``stats()`` and logs
     :param allow_plain_credentials: allow a password over plain HTTP to another host
+    :param check_existing: before every INSERT, leave out the points the table holds
+        already (one SELECT each; ``lunamon send`` turns it on). Without it, only an
+        INSERT after one whose outcome is unknown is checked.
     """
 
     content_type = "application/x-ndjson"
@@ -582,7 +658,7 @@ class ClickHouseSink(HTTPSink):
     def __init__(
         self,
         url: str = "http://127.0.0.1:8123",
-        database: str = "luna_monitoring",
+        database: str | None = None,
         username: str = "default",
         password: str = "",
         *,
@@ -594,6 +670,7 @@ class ClickHouseSink(HTTPSink):
         ca_file: str | None = None,
         name: str | None = None,
         allow_plain_credentials: bool = False,
+        check_existing: bool = False,
     ) -> None:
         if not isinstance(url, str) or not url:
             raise ValueError("url must be a non-empty string such as http://127.0.0.1:8123")
@@ -607,8 +684,10 @@ class ClickHouseSink(HTTPSink):
             raise ValueError("url must be http://host:port or https://host:port")
         if base.query_string or base.fragment:
             raise ValueError("url must have no query or fragment")
-        if not isinstance(database, str) or not database:
+        if database is not None and (not isinstance(database, str) or not database):
             raise ValueError("database must be a non-empty string")
+        database = url_database(base.path, database)
+        base = base.with_path("")
         if not isinstance(username, str):
             raise ValueError("username must be a string")
         if password and not username:
@@ -622,6 +701,7 @@ class ClickHouseSink(HTTPSink):
         self.database = database
         self.username = username
         self.create_tables = create_tables
+        self.check_existing = check_existing
         self.gzip = gzip
         self.compression_level = check_compression_level(compression_level)
         self.timeout = float(timeout)
@@ -644,12 +724,18 @@ class ClickHouseSink(HTTPSink):
             plain_credentials=plain,
         )
         self._time_columns: dict[str, _TimeColumn] = {}
+        self._distributed: set[str] = set()  # tables of engine Distributed: sync inserts
         self._create_refused = False
         self._schema_lock = asyncio.Lock()
         self._log = RateLimitedLogger()
-        # The batch of the last write that failed after some of its tables were stored:
-        # (that list, the tables stored, its length). The flusher retries the same list.
-        self._partial: tuple[list[Point], set[str], int] | None = None
+        # Per table, the query_id of an INSERT whose outcome is unknown (a timeout, a
+        # reset, a 5xx after the body went out): the next INSERT into it is checked first.
+        self._unsure: dict[str, str] = {}
+        # (series, time) of points a dead process may have stored (a spool's replay):
+        # the INSERT that carries one is checked first, as after an unsure INSERT.
+        self._recheck: set[tuple[str, int]] = set()
+        self._query_ids = itertools.count(1)
+        self._query_id_prefix = f"lunamon-{secrets.token_hex(4)}"
 
     def __repr__(self) -> str:
         password = "'***'" if self._password else "''"
@@ -684,64 +770,64 @@ class ClickHouseSink(HTTPSink):
             )
 
     async def write(self, points: Sequence[Point]) -> None:
-        """One INSERT per series of the batch; a table stored by an earlier attempt at
-        the same batch is not sent again. Raises a classified :class:`SinkError`."""
+        """One INSERT per series of the batch. Raises a classified :class:`SinkError`
+        whose ``pending`` lists the points not stored (the tables stored are not)."""
         if not points:
             return
         self._http.open()  # a closed sink fails here, before any work
-        batch = points if isinstance(points, list) else list(points)
-        partial = self._partial
-        if partial is not None and partial[0] is batch and partial[2] == len(batch):
-            done = partial[1]
-        else:
-            done = set()
-        self._partial = (batch, done, len(batch))
         groups: dict[str, list[Point]] = {}
-        for point in batch:
+        for point in points:
             rows = groups.get(point.series)
             if rows is None:
                 groups[point.series] = rows = []
             rows.append(point)
-        delivered = sum(len(rows) for table, rows in groups.items() if table in done)
-        try:
-            for table, rows in groups.items():
-                if table not in done:
-                    await self._insert(table, rows)
-                    done.add(table)
-                    delivered += len(rows)
-        except BatchTooLarge as exc:
-            self._partial = None
-            if not delivered:
-                raise  # nothing stored: the flusher may split the batch
-            # Split, the halves would carry points already stored: refuse the rest instead.
-            raise SinkError(
-                f"{self._what} failed: HTTP 413 body too large"
-                f" ({delivered} points of the batch were stored, the rest is refused)",
-                retryable=False,
-                status=413,
-                server_text=exc.server_text,
-                delivered=delivered,
-            ) from None
-        except SinkError as exc:
-            if not exc.retryable:
-                self._partial = None
-                exc.delivered = delivered
-            raise
-        self._partial = None
+        pending: list[Point] = []
+        retry: SinkError | None = None  # the server is down or busy: the rest waits too
+        refused: SinkError | None = None  # this table's rows only: the others go on
+        for table, rows in groups.items():
+            if retry is not None:
+                pending.extend(rows)
+                continue
+            try:
+                await self._insert(table, rows)
+            except SinkError as exc:
+                pending.extend(exc.pending if exc.pending is not None else rows)
+                if exc.retryable:
+                    retry = exc
+                elif refused is None or isinstance(exc, BatchTooLarge):
+                    # A 413 first: split, the rows refused for their data are refused alone.
+                    refused = exc
+        error = retry or refused
+        if error is not None:
+            error.pending = pending
+            raise error
+
+    def mark_possibly_stored(self, points: Iterable[Point]) -> None:
+        """Points that may be in their tables already (``spool_dir``: a dead process's,
+        replayed): the INSERT that carries them leaves out those the table holds."""
+        self._recheck.update((point.series, point.time_ns) for point in points)
 
     async def encode(self, batch: list[Point]) -> bytes:
         """JSONEachRow rows of a batch of one series, the time as its table takes it."""
         column = self._time_columns.get(batch[0].series, _NANOSECONDS) if batch else _NANOSECONDS
         return await _encode_rows_async(batch, column)
 
-    async def send(self, body: bytes | StreamedBody, table: str = "request") -> None:
-        """INSERT an encoded (and, with ``gzip``, compressed) body into ``table``."""
+    async def send(
+        self, body: bytes | StreamedBody, table: str = "request", query_id: str | None = None
+    ) -> None:
+        """INSERT an encoded (and, with ``gzip``, compressed) body into ``table``, as
+        ``query_id`` when given; into a Distributed table with ``insert_distributed_sync``."""
         statement = (
             f"INSERT INTO {quote_identifier(self.database)}.{quote_identifier(table)}"
             " FORMAT JSONEachRow"
         )
+        query = {"query": statement}
+        if query_id is not None:
+            query["query_id"] = query_id
+        if table in self._distributed:
+            query["insert_distributed_sync"] = "1"
         await self._request(
-            self._base.with_query({"query": statement}),
+            self._base.with_query(query),
             body,
             gzipped=self.gzip,
             what=f"{self._what} table={table}",
@@ -749,10 +835,114 @@ class ClickHouseSink(HTTPSink):
 
     # ----------------------------------------------------------------- inserts
 
+    def _new_query_id(self) -> str:
+        """A query_id no other INSERT has: this sink's random prefix, the process, a count."""
+        return f"{self._query_id_prefix}-{os.getpid()}-{next(self._query_ids)}"
+
     async def _insert(self, table: str, points: list[Point]) -> None:
+        """INSERT ``points`` into ``table``; after an INSERT into it whose outcome is unknown
+        (or always, with ``check_existing``), only those the table does not hold yet.
+
+        A :class:`SinkError` raised has ``pending``: the points not stored (all of them
+        when the outcome is unknown: the next attempt checks).
+        """
         time_column = await self._time_column(table)
+        unsure = self._unsure.get(table)
+        query_id = unsure or self._new_query_id()
+        rows = points
+        recheck = self._recheck
+        replayed = bool(recheck) and any((table, p.time_ns) in recheck for p in points)
+        if unsure is not None or self.check_existing or replayed:
+            try:
+                rows = await self._missing(table, points, time_column, query_id)
+            except SinkError as exc:
+                if _code_of(exc) not in (UNKNOWN_TABLE, UNKNOWN_DATABASE):
+                    exc.pending = points
+                    raise
+                # No table (dropped, or not created yet): it holds none of them, and the
+                # INSERT creates it when allowed.
+            if replayed:  # checked: from now on what happens to them is known as usual
+                recheck.difference_update((table, p.time_ns) for p in points)
+            if not rows:
+                self._unsure.pop(table, None)
+                return
+        outcome_known = False
         try:
-            await self._send_rows(table, points, time_column)
+            await self._insert_rows(table, rows, time_column, query_id)
+            outcome_known = True
+        except SinkError as exc:
+            exc.pending = rows
+            # Refused before it ran (nothing sent, or this query_id's INSERT still runs:
+            # then the one before stays unsure), or answered for certain (nothing stored).
+            outcome_known = _not_stored(exc) and _code_of(exc) != SAME_QUERY_ID_RUNNING
+            raise
+        finally:  # a cancelled INSERT (the flusher's deadline) is unsure too
+            if outcome_known:
+                self._unsure.pop(table, None)
+            else:
+                self._unsure[table] = query_id
+                self._log.log(
+                    "info",
+                    "clickhouse_insert_unsure",
+                    key=table,
+                    sink=self.name,
+                    table=table,
+                    query_id=query_id,
+                    points=len(rows),
+                    detail="the next INSERT into the table is checked first",
+                )
+
+    async def _missing(
+        self, table: str, points: list[Point], time_column: _TimeColumn, query_id: str
+    ) -> list[Point]:
+        """The points that ``table`` does not hold, by one SELECT over their time range run
+        as ``query_id`` (the server refuses it, 216, while an INSERT of that id still runs).
+
+        A point is held when a row has its time (nanosecond columns: times are unique per
+        series), or its time and the same ``data`` (coarser columns, where two points can
+        share a second)."""
+        lowest = min(point.time_ns for point in points)
+        highest = max(point.time_ns for point in points)
+        name = f"{quote_identifier(self.database)}.{quote_identifier(table)}"
+        what = f"clickhouse check of {self.database}.{table} at {self.url}"
+        if time_column.scale is None:
+            sql = (
+                f"SELECT time FROM {name} WHERE time BETWEEN {lowest} AND {highest}"
+                " FORMAT TabSeparated"
+            )
+            answer = await self._query(sql, what, query_id=query_id)
+            held = {int(line) for line in answer.split()}
+            return [point for point in points if point.time_ns not in held]
+        if time_column.scale == 0:
+            nanoseconds = "toInt64(toUInt32(time)) * 1000000000"
+            bounds = f"toDateTime({lowest // 10**9}) AND toDateTime({highest // 10**9})"
+        else:  # DateTime64: servers since 20.5 (none here to test it)
+            nanoseconds = "toUnixTimestamp64Nano(time)"
+            bounds = f"fromUnixTimestamp64Nano({lowest}) AND fromUnixTimestamp64Nano({highest})"
+        sql = (
+            f"SELECT toString({nanoseconds}) AS t, data FROM {name}"
+            f" WHERE time BETWEEN {bounds} FORMAT JSONEachRow"
+        )
+        answer = await self._query(sql, what, query_id=query_id)
+        held_rows = set()
+        for line in answer.splitlines():
+            if line.strip():
+                row = json.loads(line)
+                held_rows.add((time_column.value(int(row["t"])), _canonical(row["data"])))
+        missing = []
+        for point in points:
+            data = json.loads(encode_rows([point], time_column))["data"]
+            if (time_column.value(point.time_ns), _canonical(data)) not in held_rows:
+                missing.append(point)
+        return missing
+
+    async def _insert_rows(
+        self, table: str, points: list[Point], time_column: _TimeColumn, query_id: str
+    ) -> None:
+        """INSERT ``points``; a table (or database) found missing is created when allowed
+        and the INSERT sent once more."""
+        try:
+            await self._send_rows(table, points, time_column, query_id)
         except SinkError as exc:
             if not self.create_tables or _code_of(exc) not in (UNKNOWN_TABLE, UNKNOWN_DATABASE):
                 raise
@@ -765,9 +955,11 @@ class ClickHouseSink(HTTPSink):
                 raise (create_error if create_error.retryable else exc) from None
             if self._create_refused:
                 raise
-            await self._send_rows(table, points, again)
+            await self._send_rows(table, points, again, query_id)
 
-    async def _send_rows(self, table: str, points: list[Point], time_column: _TimeColumn) -> None:
+    async def _send_rows(
+        self, table: str, points: list[Point], time_column: _TimeColumn, query_id: str
+    ) -> None:
         """INSERT ``points`` into ``table``: streamed, or encoded whole when the server
         (or a proxy before it) refuses a body without a length."""
         if self.stream:
@@ -775,7 +967,7 @@ class ClickHouseSink(HTTPSink):
             encode = functools.partial(encode_rows, time_column=time_column)
             body = StreamedBody(points, encode, level)
             try:
-                await self.send(body, table)
+                await self.send(body, table, query_id)
                 return
             except SinkError as exc:
                 if exc.status != 411:
@@ -790,7 +982,7 @@ class ClickHouseSink(HTTPSink):
         whole = await _encode_rows_async(points, time_column)
         if self.gzip:
             whole = await compress(whole, self.compression_level)
-        await self.send(whole, table)
+        await self.send(whole, table, query_id)
 
     def _headers(self) -> dict[str, str]:
         headers = {}
@@ -825,16 +1017,21 @@ class ClickHouseSink(HTTPSink):
                 status, answer_headers = resp.status, resp.headers
                 raw = await read_error_body(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise transport_error(exc, body, what=what, secrets=self._secrets) from None
+            error = transport_error(exc, body, what=what, secrets=self._secrets)
+            if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(error, SinkError):
+                error = _NotSent(str(error), retryable=True)  # no connection: nothing sent
+            raise error from None
         text = raw[:_ERROR_TEXT].decode("utf-8", errors="replace")
         raise classify_clickhouse_response(
             status, text, answer_headers, what=what, secrets=self._secrets
         )
 
-    async def _query(self, sql: str, what: str) -> str:
-        """Run one statement (its text as the body); the answer as text."""
+    async def _query(self, sql: str, what: str, *, query_id: str | None = None) -> str:
+        """Run one statement (its text as the body), as ``query_id`` when given; the
+        answer as text."""
+        url = self._base if query_id is None else self._base.with_query({"query_id": query_id})
         answer = await self._request(
-            self._base, sql.encode(), what=what, read=True, content_type=_SQL_TYPE
+            url, sql.encode(), what=what, read=True, content_type=_SQL_TYPE
         )
         return answer.decode("utf-8", errors="replace")
 
@@ -858,8 +1055,12 @@ class ClickHouseSink(HTTPSink):
             found = await self._lookup_time_column(table)
             if found is None:
                 return _NANOSECONDS  # not there (yet): the INSERT will tell
-            self._time_columns[table] = found
-            return found
+            self._time_columns[table], distributed = found
+            if distributed:
+                self._distributed.add(table)
+            else:
+                self._distributed.discard(table)
+            return found[0]
 
     async def _create(self, table: str) -> None:
         what = f"clickhouse create table {self.database}.{table} at {self.url}"
@@ -883,14 +1084,16 @@ class ClickHouseSink(HTTPSink):
                 will_retry=False,
             )
 
-    async def _lookup_time_column(self, table: str) -> _TimeColumn | None:
-        """The encoding for ``table``'s ``time`` column; ``None`` when the table is absent
-        or ``system.columns`` cannot be read (integer ns are sent, nothing is cached)."""
+    async def _lookup_time_column(self, table: str) -> tuple[_TimeColumn, bool] | None:
+        """The encoding for ``table``'s ``time`` column and whether the table is
+        Distributed; ``None`` when the table is absent or ``system.columns`` cannot be
+        read (integer ns are sent, nothing is cached)."""
         what = f"clickhouse schema of {self.database}.{table} at {self.url}"
+        where = f"database = {quote_string(self.database)} AND "
         sql = (
-            "SELECT type FROM system.columns WHERE database = "
-            f"{quote_string(self.database)} AND table = {quote_string(table)}"
-            " AND name = 'time' FORMAT TabSeparated"
+            f"SELECT type, (SELECT any(engine) FROM system.tables WHERE {where}"
+            f"name = {quote_string(table)}) FROM system.columns WHERE {where}"
+            f"table = {quote_string(table)} AND name = 'time' FORMAT TabSeparated"
         )
         try:
             answer = await self._query(sql, what)
@@ -898,5 +1101,5 @@ class ClickHouseSink(HTTPSink):
             if exc.retryable:
                 raise
             return None
-        type_name = answer.strip()
-        return _time_column(type_name) if type_name else None
+        type_name, _, engine = answer.strip().partition("\t")
+        return (_time_column(type_name), engine == "Distributed") if type_name else None
