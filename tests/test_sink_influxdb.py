@@ -3,6 +3,7 @@ every failure comes out as the SinkError the flusher expects (RELIABILITY.md).""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import traceback
 import uuid
@@ -16,7 +17,10 @@ from structlog.testing import capture_logs
 from lunamon._secrets import Secret
 from lunamon._validation import INT64_MAX, INT64_MIN
 from lunamon.errors import BatchTooLarge, SinkError
+from lunamon.monitoring import Monitoring
 from lunamon.point import Point, encode_lines
+from lunamon.settings import MonitoringSettings
+from lunamon.sinks._http import classify_response
 from lunamon.sinks.influxdb import InfluxDBSink
 
 T0 = 1_700_000_000_123_456_789  # ns precision must survive
@@ -310,9 +314,143 @@ async def test_database_dropped_while_running_is_created_again_and_the_batch_ret
     sink = sink_for(db)
     await sink.start()
     await sink.write([Point("m", T0, None, {"f": 1.0})])
+    assert sink.events == {"database_recreated": 0}  # created at start: not an event
     influxd.drop_database(db)
-    await sink.write([Point("m", T0 + 1, None, {"f": 2.0})])
-    assert influxd.stored(db) == [("m", T0 + 1, {}, {"f": 2.0})]
+    with capture_logs() as logs:
+        await sink.write([Point("m", T0 + 1, None, {"f": 2.0})])
+        await sink.write([Point("m", T0 + 2, None, {"f": 3.0})])
+    assert influxd.stored(db) == [("m", T0 + 1, {}, {"f": 2.0}), ("m", T0 + 2, {}, {"f": 3.0})]
+    assert sink.events == {"database_recreated": 1}
+    assert [(e["event"], e["log_level"], e["database"]) for e in logs] == [
+        ("influxdb_database_recreated", "warning", db)
+    ]
+    assert "written to it before are lost" in logs[0]["consequence"]
+
+
+async def test_a_database_that_is_missing_and_cannot_be_created_is_no_recreation(
+    influxd_auth: InfluxServer, sink_for: Callable[..., InfluxDBSink]
+) -> None:
+    """A reader may not create it: the 404 stands, nothing is counted or warned about."""
+    missing = f"t_{uuid.uuid4().hex[:12]}"
+    sink = sink_for(
+        missing,
+        server=influxd_auth,
+        username=influxd_auth.reader_user,
+        password=influxd_auth.reader_password,
+    )
+    with capture_logs() as logs:
+        await sink.start()
+        with pytest.raises(SinkError) as caught:
+            await sink.write([Point("m", T0, None, {"f": 1.0})])
+    assert caught.value.status == 404
+    assert sink.events == {"database_recreated": 0}
+    assert "influxdb_database_recreated" not in [e["event"] for e in logs]
+
+
+async def test_a_404_answered_after_another_part_created_the_database_creates_it_once() -> None:
+    """Two parts sent before the database came back, one answered 404 only after the
+    other's creation: the late one retries its part, it creates nothing more."""
+    created = asyncio.Event()
+    creations: list[int] = []
+
+    class Scripted(InfluxDBSink):
+        async def _post(self, body: bytes) -> None:
+            if not created.is_set():
+                if body == b"late":
+                    await created.wait()  # answered after the creation
+                raise classify_response(404, "database not found", {}, what="w", secrets=())
+
+        async def _create_database(self) -> None:
+            creations.append(1)
+            created.set()
+
+    sink = Scripted("127.0.0.1", 1, "db")
+    sink._need_database = False  # as after start()
+    await asyncio.gather(sink.send(b"late"), sink.send(b"early"))
+    assert creations == [1]
+    assert sink.events == {"database_recreated": 1}
+
+
+def _request(i: int) -> Point:
+    return Point(
+        "request",
+        T0 + i * 10_000,
+        {"service": "svc", "route": "GET:/x", "status_code": "200"},
+        {"execution_time": 0.001, "request_id": str(i)},
+    )
+
+
+async def _delivered(monitoring: Monitoring) -> dict[str, Any]:
+    """Flush until nothing is buffered (30 s at most); the sink's stats."""
+    deadline = time.monotonic() + 30
+    while True:
+        await monitoring.flush()
+        (stats,) = monitoring.stats().values()
+        if not stats["buffered"]:
+            return stats
+        assert time.monotonic() < deadline, stats
+        await asyncio.sleep(0.01)
+
+
+def _stored_ids(server: InfluxServer, db: str) -> list[str]:
+    return [row["request_id"] for row in server.rows('SELECT "request_id" FROM "request"', db)]
+
+
+async def test_a_database_dropped_between_writes_loses_only_what_it_held(
+    influxd: InfluxServer, db: str
+) -> None:
+    """RELIABILITY 41 through the flusher, batches of 3 concurrent parts all answered
+    404: one creation, one warning, counter 1, every later point stored, none dropped."""
+    settings = MonitoringSettings(batch_size=3000, flush_interval=60.0, retry_base_delay=0.01)
+    monitoring = Monitoring(settings, [InfluxDBSink(influxd.host, influxd.port, db)])
+    await monitoring.start()
+    try:
+        for i in range(3000):
+            monitoring.emit(_request(i))
+        await _delivered(monitoring)
+        influxd.drop_database(db)
+        with capture_logs() as logs:
+            for i in range(3000, 9000):
+                monitoring.emit(_request(i))
+            stats = await _delivered(monitoring)
+    finally:
+        await monitoring.close()
+    assert stats["events"] == {"database_recreated": 1}
+    assert (stats["emitted"], stats["written"], sum(stats["dropped"].values())) == (9000, 9000, 0)
+    assert sorted(_stored_ids(influxd, db), key=int) == [str(i) for i in range(3000, 9000)]
+    warnings = [e for e in logs if e["event"] == "influxdb_database_recreated"]
+    assert [(e["log_level"], e["database"]) for e in warnings] == [("warning", db)]
+
+
+async def test_a_database_dropped_under_traffic_keeps_every_later_point(
+    influxd: InfluxServer, db: str
+) -> None:
+    """RELIABILITY 41 under traffic: points flow while another client drops the database.
+    Only points stored before the drop are gone; every point emitted after it is stored
+    once; the drop is warned about once and counted once."""
+    settings = MonitoringSettings(batch_size=200, flush_interval=0.02, retry_base_delay=0.01)
+    monitoring = Monitoring(settings, [InfluxDBSink(influxd.host, influxd.port, db)])
+    await monitoring.start()
+    dropped_after = -1
+    try:
+        with capture_logs() as logs:
+            for i in range(4000):
+                monitoring.emit(_request(i))
+                if i % 100 == 99:
+                    await asyncio.sleep(0.002)  # traffic: the delivery task writes meanwhile
+                if i == 1500:
+                    await asyncio.to_thread(influxd.drop_database, db)
+                    dropped_after = i
+            stats = await _delivered(monitoring)
+    finally:
+        await monitoring.close()
+    stored = [int(i) for i in _stored_ids(influxd, db)]
+    assert len(stored) == len(set(stored))
+    assert set(range(dropped_after + 1, 4000)) <= set(stored) <= set(range(4000))
+    assert stats["events"] == {"database_recreated": 1}
+    assert (stats["emitted"], stats["written"], sum(stats["dropped"].values())) == (4000, 4000, 0)
+    warnings = [e for e in logs if e["event"] == "influxdb_database_recreated"]
+    assert len(warnings) == 1
 
 
 async def test_server_down_at_start_database_created_before_first_write(

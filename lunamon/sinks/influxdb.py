@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from lunamon._log import logger
+from lunamon._log import RateLimitedLogger, logger
 from lunamon._secrets import Secret
 from lunamon.errors import SinkError
 from lunamon.sinks._http import (
@@ -61,7 +61,10 @@ class InfluxDBSink(HTTPSink):
 
     With ``create_database`` the database is created at :meth:`start` (or, when
     the server is down then, before the first write) and again after a
-    ``404 database not found``, after which the batch is retried once.
+    ``404 database not found``, after which the batch is retried once. A database
+    that vanished (dropped) and was created again is logged as a warning (once per
+    interval: the points written to it before are gone) and counted in
+    ``stats()["<name>"]["events"]["database_recreated"]``.
     Credentials over plain HTTP to another host are refused unless
     ``allow_plain_credentials=True``.
 
@@ -156,6 +159,13 @@ class InfluxDBSink(HTTPSink):
         )
         self._need_database = create_database
         self._database_lock = asyncio.Lock()
+        # Successful creations so far: a write answered 404 after one that another part
+        # of the batch made since it was sent needs no creation of its own.
+        self._creations = 0
+        self._vanished = False  # a write found the database gone; not created again yet
+        # Counted in stats() (the flusher reads `events`).
+        self.events: dict[str, int] = {"database_recreated": 0}
+        self._log = RateLimitedLogger()
 
     def __repr__(self) -> str:
         password = "'***'" if self._password else "None"
@@ -198,14 +208,15 @@ class InfluxDBSink(HTTPSink):
                     raise
                 # Not allowed to create it (a user without admin rights): write
                 # anyway, the database may well exist.
+        creations = self._creations
         try:
             await self._post(body)
         except SinkError as exc:
             if tried_create or not (self.create_database and _database_not_found(exc)):
                 raise
-            self._need_database = True
+            self._need_database = self._vanished = True
             try:
-                await self._ensure_database()
+                await self._ensure_database(creations)
             except SinkError as create_error:
                 # The server went away meanwhile: retry the batch later; refused: the 404 stands.
                 raise (create_error if create_error.retryable else exc) from None
@@ -234,22 +245,42 @@ class InfluxDBSink(HTTPSink):
             error = classify_response(status, text, headers, what=self._what, secrets=self._secrets)
         raise error from None
 
-    async def _ensure_database(self) -> None:
+    async def _ensure_database(self, seen: int | None = None) -> None:
         """``CREATE DATABASE`` once; raises the classified :class:`SinkError` on failure.
 
         After a retryable failure it is tried again before the next write; after
-        any other only when a write answers ``404 database not found``.
+        any other only when a write answers ``404 database not found``. ``seen``: the
+        creations made when that write was sent; one made since answers it.
         """
         async with self._database_lock:
+            if seen is not None and seen != self._creations:
+                self._need_database = self._vanished = False
             if not self._need_database:
                 return
             try:
                 await self._create_database()
             except SinkError as exc:
                 if not exc.retryable:
-                    self._need_database = False
+                    self._need_database = self._vanished = False
                 raise
             self._need_database = False
+            self._creations += 1
+            if self._vanished:
+                self._vanished = False
+                self._database_recreated()
+
+    def _database_recreated(self) -> None:
+        self.events["database_recreated"] += 1
+        self._log.log(
+            "warning",
+            "influxdb_database_recreated",
+            key=self.database,
+            sink=self.name,
+            database=self.database,
+            consequence="the database was gone (dropped?) and is created again:"
+            " the points written to it before are lost",
+            times=self.events["database_recreated"],
+        )
 
     async def _create_database(self) -> None:
         what = f"influxdb create database {self.database!r} at {self.url}"
