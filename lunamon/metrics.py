@@ -12,9 +12,20 @@ histogram bucket: from a latency spike straight to that request's point).
 - ``request_steps`` histogram of each ``<step>_time`` {service, path, step} (``steps``)
 
 ``path`` is the route tag (``METHOD:/template``), so cardinality stays bounded.
-With ``multiprocess_dir``, each process also writes its state there after every
-batch, and a scrape of any worker answers for all of them (a worker that died
-stays counted, as counters must not go down; clear the folder at deployment).
+
+Counting is in memory and happens once per batch: :meth:`MetricsSink.write` never
+fails, so the flusher never delivers a batch twice. With ``multiprocess_dir``, each
+process also keeps its whole cumulative state in a file of its own there (named by
+pid and a random part: pids repeat, and in containers they are all 1), rewritten
+after each batch in the background, again a second later when a write failed, and
+whenever the file vanished (the folder is recreated). The file is derived state: a
+failed write is logged (rate-limited) and costs no count. A scrape of any worker
+answers from those files alone, its own included as last written, so every worker
+gives the same answer; it never counts a worker twice, and a file that vanished
+(an operator cleared the folder) keeps counting as the scraping worker last read it
+until its worker writes it again, so the counters do not drop (Prometheus would read
+a drop as a reset). A worker that died stays counted, as counters must not go down:
+clear the folder when the service is deployed, before its workers start.
 """
 
 from __future__ import annotations
@@ -22,8 +33,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import errno
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -36,15 +49,37 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
-from lunamon._log import logger
+from lunamon._log import RateLimitedLogger, logger
+from lunamon.errors import SettingsError
 from lunamon.point import Point, TagSet
 from lunamon.settings import MetricsSettings
 
-__all__ = ["MetricsSink", "MetricsStore", "metrics_handler"]
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # pragma: no cover - aiohttp brings async_timeout on 3.10
+    from async_timeout import timeout as _timeout  # type: ignore[import-not-found,unused-ignore]
+
+__all__ = [
+    "MetricsPort",
+    "MetricsSink",
+    "MetricsStore",
+    "SharedFolder",
+    "add_metrics_route",
+    "check_folder",
+    "check_metrics_route",
+    "metrics_handler",
+]
 
 _FILE_PREFIX: Final = "lunamon-metrics-"
 # OpenMetrics allows 128 characters of exemplar labels; a longer client id is left out.
 _MAX_EXEMPLAR: Final = 128 - len("request_id")
+
+# Seconds between checks that this process's file is there (rewritten when it is not,
+# or when its last write failed).
+_RECHECK: Final = 1.0
+_LOG_INTERVAL: Final = 30.0
+# Seconds between a worker's attempts to bind the metrics port another process holds.
+_PORT_RETRY: Final = 5.0
 
 _STEP: Final = "_time"
 _TOTAL: Final = "execution_time"
@@ -132,7 +167,9 @@ class MetricsStore:
         histogram.sum += seconds
         rid = fields.get("request_id")
         if type(rid) is str and len(rid) <= _MAX_EXEMPLAR:
-            histogram.exemplars[index] = (rid, seconds, time_ns)
+            latest = histogram.exemplars[index]
+            if latest is None or time_ns >= latest[2]:  # never older: Prometheus refuses that
+                histogram.exemplars[index] = (rid, seconds, time_ns)
 
     # ------------------------------------------------------------- across processes
 
@@ -150,10 +187,11 @@ class MetricsStore:
             "steps": histograms(self.step_durations),
         }
 
-    def merge_snapshot(self, data: dict[str, Any]) -> None:
-        """Add another process's :meth:`snapshot` (same buckets) to this store."""
+    def merge_snapshot(self, data: dict[str, Any]) -> bool:
+        """Add another process's :meth:`snapshot` to this store; false (and nothing added)
+        when its buckets differ: another configuration, not comparable."""
         if tuple(data.get("buckets", ())) != self.buckets:
-            return  # another configuration: not comparable
+            return False
         for *key, n in data["requests"]:
             k = (key[0], key[1], key[2])
             self.requests[k] = self.requests.get(k, 0) + int(n)
@@ -170,51 +208,19 @@ class MetricsStore:
                 if mine is None:
                     mine = target[(service, path, label)] = _Histogram(len(self.buckets))
                 mine.merge(other)
-
-    def copy(self) -> MetricsStore:
-        merged = MetricsStore(self.buckets, self.steps)
-        merged.merge_snapshot(self.snapshot())
-        return merged
+        return True
 
 
 class _Collector:
-    """prometheus_client's view of a store (and of the other workers' files)."""
+    """prometheus_client's view of a store (set before each scrape)."""
 
     def __init__(self, store: MetricsStore, settings: MetricsSettings) -> None:
         self.store = store
         self.extra_names = list(settings.extra_labels)
         self.extra_values = list(settings.extra_labels.values())
-        self.shared = Path(settings.multiprocess_dir) if settings.multiprocess_dir else None
-        self.others: list[dict[str, Any]] = []  # set before each scrape
-
-    def read_others(self) -> list[dict[str, Any]]:
-        """The other workers' snapshots (blocking file reads: call it in a thread)."""
-        if self.shared is None:
-            return []
-        own = f"{_FILE_PREFIX}{os.getpid()}.json"
-        found = []
-        for path in sorted(self.shared.glob(f"{_FILE_PREFIX}*.json")):
-            if path.name == own:
-                continue
-            try:
-                found.append(json.loads(path.read_text()))
-            except (OSError, ValueError) as exc:
-                logger.warning("metrics_file_unreadable", path=str(path), error=repr(exc)[:200])
-        return found
-
-    def _merged(self) -> MetricsStore:
-        if not self.others:
-            return self.store
-        merged = self.store.copy()
-        for snapshot in self.others:
-            try:
-                merged.merge_snapshot(snapshot)
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("metrics_file_unreadable", error=repr(exc)[:200])
-        return merged
 
     def collect(self) -> Iterator[Metric]:
-        store = self._merged()
+        store = self.store
         extra = self.extra_names
         requests = CounterMetricFamily(
             "request_count",
@@ -275,8 +281,137 @@ class _Collector:
         return family
 
 
+class SharedFolder:
+    """This process's file in ``multiprocess_dir``, and what a scrape reads there.
+
+    The file holds the process's whole cumulative state, so rewriting it from memory
+    restores it whatever happened to the folder; it is named by pid and a random part
+    drawn in the process (again after ``fork``), so a new process never takes over
+    the file of one that died, even with the same pid.
+    """
+
+    def __init__(self, folder: Path, store: MetricsStore) -> None:
+        self.folder = folder
+        self.store = store
+        self.published: dict[str, Any] | None = None  # the snapshot the file last got
+        self.seen: dict[str, dict[str, Any]] = {}  # other files, as last read
+        self.failing = False
+        self.closed = False
+        self._pid = 0
+        self._name = ""
+        self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._log = RateLimitedLogger(_LOG_INTERVAL)
+
+    @property
+    def path(self) -> Path:
+        pid = os.getpid()
+        if pid != self._pid:  # first use, or a forked child: a name of its own
+            self._pid = pid
+            self._name = f"{_FILE_PREFIX}{pid}-{os.urandom(8).hex()}.json"
+        return self.folder / self._name
+
+    async def start(self) -> None:
+        """Write the file now (the folder too, if it went), and keep it from then on."""
+        await self.save(force=True)
+        self._keep_going()
+
+    def changed(self) -> None:
+        """The store counted a batch: write the file soon (never waited for)."""
+        self._changed.set()
+        self._keep_going()
+
+    def _keep_going(self) -> None:
+        if not self.closed and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._keep())
+
+    async def _keep(self) -> None:
+        """Write after each batch; every ``_RECHECK`` s, again if it failed or vanished."""
+        while not self.closed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with _timeout(_RECHECK):
+                    await self._changed.wait()
+            if self.closed:
+                return  # close() writes the final state
+            await self.save(force=False)
+
+    async def save(self, *, force: bool) -> bool:
+        """Write the store's state (unless ``force`` is false and the file is there: then
+        it holds that state already); whether the file holds it now. Never raises for the
+        file system."""
+        async with self._lock:
+            force = force or self.failing or self._changed.is_set()  # counted since the call
+            self._changed.clear()
+            snapshot = self.store.snapshot()  # on the loop: one consistent state
+            path = self.path
+            try:
+                await asyncio.to_thread(_write_snapshot, path, snapshot, force)
+            except (OSError, ValueError) as exc:
+                self.failing = True
+                self._log.log(
+                    "warning",
+                    "metrics_file_write_failed",
+                    key=str(path),
+                    path=str(path),
+                    error=repr(exc)[:200],
+                    consequence="scrapes show this worker's counts as last written",
+                )
+                return False
+            self.published = snapshot
+            if self.failing:
+                self.failing = False
+                logger.info("metrics_file_written_again", path=str(path))
+            return True
+
+    async def close(self) -> None:
+        """Stop the background writes, then write the final state once."""
+        self.closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            self._changed.set()
+            await task
+        await self.save(force=True)
+
+    def read_others(self) -> dict[str, dict[str, Any]]:
+        """The other processes' files (blocking reads: call it in a thread)."""
+        own = self._name
+        found: dict[str, dict[str, Any]] = {}
+        for path in sorted(self.folder.glob(f"{_FILE_PREFIX}*.json")):  # none if it is gone
+            if path.name == own:
+                continue
+            try:
+                snapshot = json.loads(path.read_text())
+                if not MetricsStore(self.store.buckets).merge_snapshot(snapshot):  # its shape
+                    raise ValueError("other buckets: written with another configuration")
+            except FileNotFoundError:
+                continue  # removed since the listing: as last read, if ever
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+                self._log.log(
+                    "warning",
+                    "metrics_file_unreadable",
+                    key=path.name,
+                    path=str(path),
+                    error=repr(exc)[:200],
+                )
+            else:
+                found[path.name] = snapshot
+        return found
+
+    async def merged(self) -> MetricsStore:
+        """Every process's state as written: this one's last file, the others' as read now
+        or, for a file gone since, as last read."""
+        await self.save(force=False)  # what was counted, and a file that never vanished
+        self.seen.update(await asyncio.to_thread(self.read_others))
+        merged = MetricsStore(self.store.buckets, self.store.steps)
+        for snapshot in (self.published, *self.seen.values()):
+            if snapshot is not None:
+                merged.merge_snapshot(snapshot)
+        return merged
+
+
 class MetricsSink:
-    """The sink that keeps the metrics: every batch the flusher delivers is counted."""
+    """The sink that keeps the metrics: every batch the flusher delivers is counted once."""
 
     def __init__(self, settings: MetricsSettings, *, name: str = "metrics") -> None:
         self.name = name
@@ -285,24 +420,27 @@ class MetricsSink:
         self.collector = _Collector(self.store, settings)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
-        shared = settings.multiprocess_dir
-        self._file = Path(shared) / f"{_FILE_PREFIX}{os.getpid()}.json" if shared else None
+        folder = settings.multiprocess_dir
+        self.shared = SharedFolder(Path(folder), self.store) if folder else None
+        if folder:
+            check_folder(folder)
 
     def __repr__(self) -> str:
         return f"MetricsSink(name={self.name!r}, path={self.settings.path!r})"
 
     async def start(self) -> None:
-        if self._file is not None:
-            self._file = self._file.with_name(f"{_FILE_PREFIX}{os.getpid()}.json")  # forked
-            await asyncio.to_thread(self._file.parent.mkdir, parents=True, exist_ok=True)
+        if self.shared is not None:
+            await self.shared.start()
 
     async def write(self, points: Sequence[Point]) -> None:
+        """Count ``points``. Never raises: a retried batch would be counted twice."""
         self.store.add(points)
-        if self._file is not None:
-            await asyncio.to_thread(_write_atomically, self._file, self.store.snapshot())
+        if self.shared is not None:
+            self.shared.changed()
 
     async def close(self) -> None:
-        return None
+        if self.shared is not None:
+            await self.shared.close()
 
     async def exposition(self, accept: str) -> tuple[bytes, str]:
         """The scrape's body and content type: OpenMetrics when ``accept`` asks for it.
@@ -310,10 +448,35 @@ class MetricsSink:
         On the loop, like the updates (no lock needed); the other workers' files are
         read in a thread first.
         """
-        self.collector.others = await asyncio.to_thread(self.collector.read_others)
+        view = self.store if self.shared is None else await self.shared.merged()
+        self.collector.store = view  # no await until rendered: concurrent scrapes are safe
         if "application/openmetrics-text" in accept:
             return _openmetrics_text(self.registry), openmetrics.CONTENT_TYPE_LATEST
         return _text(self.registry), TEXT_CONTENT_TYPE
+
+
+def check_folder(folder: str) -> None:
+    """Refuse a ``multiprocess_dir`` that cannot be a writable folder (at setup).
+
+    Creates it when missing, and writes and removes a file there to be sure.
+    """
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".{_FILE_PREFIX}probe-{os.getpid()}-{os.urandom(4).hex()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, FileExistsError):
+            reason = "it is a file, not a folder"
+        elif isinstance(exc, NotADirectoryError):
+            reason = "a part of it is a file, not a folder"
+        raise SettingsError(
+            f"{folder!r} cannot be a writable folder ({reason}): the workers keep their"
+            " counts there; choose a folder they may write, or leave it empty for one process",
+            key="monitoring.metrics.multiprocess_dir",
+        ) from None
 
 
 # prometheus_client leaves these two untyped.
@@ -322,11 +485,19 @@ _text: Callable[[CollectorRegistry], bytes] = generate_latest
 _openmetrics_text: Callable[[CollectorRegistry], bytes] = openmetrics.generate_latest
 
 
-def _write_atomically(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data))
-    with contextlib.suppress(FileNotFoundError):
-        os.replace(temporary, path)
+def _write_snapshot(path: Path, data: dict[str, Any], force: bool) -> None:
+    """Write ``data`` to ``path`` atomically (creating its folder again when it was
+    removed); unless ``force``, only when the file is missing."""
+    if not force and path.is_file():
+        return
+    text = json.dumps(data)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(text)
+    except FileNotFoundError:  # the folder was removed: recreate it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def metrics_handler(
@@ -341,3 +512,108 @@ def metrics_handler(
         return response
 
     return serve_metrics
+
+
+# ------------------------------------------------------------------------------ aiohttp wiring
+
+_ROUTE_NAME: Final = "lunamon_metrics"
+_PATH_KEY: Final = "monitoring.metrics.path"
+
+
+def add_metrics_route(app: web.Application, path: str, sink: MetricsSink) -> None:
+    """Serve ``sink`` at ``path`` of ``app`` (``[monitoring.metrics] path``)."""
+    # Named, so that aiohttp never adds an app's later GET route to this resource (which
+    # raises an error naming no setting): check_metrics_route refuses it at startup.
+    app.router.add_get(path, metrics_handler(sink), name=_ROUTE_NAME)
+
+
+def check_metrics_route(app: web.Application, path: str) -> None:
+    """Refuse a GET (or HEAD, or any-method) route of ``app`` at ``path``, other than
+    lunamon's: it would hide the metrics page, or the page would hide it, silently.
+    At setup, and again at startup for the routes added after setup."""
+    for resource in app.router.resources():
+        if resource.name == _ROUTE_NAME or resource.canonical != path:
+            continue
+        methods = {route.method for route in resource}
+        if methods & {"GET", "HEAD", "*"}:
+            raise SettingsError(
+                f"{path!r} is already a route of the application ({', '.join(sorted(methods))}):"
+                " the metrics page and that route would hide each other; set another path",
+                key=_PATH_KEY,
+            )
+
+
+class MetricsPort:
+    """The metrics on a port of their own (``[monitoring.metrics] port``), unmonitored.
+
+    Workers that share ``multiprocess_dir`` all answer for every worker, so one
+    listener is enough: the first process to bind serves, the others try again every
+    ``_PORT_RETRY`` seconds (one takes over when that process stops). Not
+    ``SO_REUSEPORT``: a stale process of an earlier deployment, or another service
+    given the same port, could bind beside it silently and answer with its own counts
+    every other scrape, which Prometheus reads as resets. Without ``multiprocess_dir``
+    a port in use is refused: each worker could only answer for itself.
+    """
+
+    def __init__(self, sink: MetricsSink) -> None:
+        self.sink = sink
+        self.settings = sink.settings
+        self.bound = False
+        self._runner: web.AppRunner | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get(self.settings.path, metrics_handler(self.sink))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        if await self._bind():
+            return
+        where = f"{self.settings.host}:{self.settings.port}"
+        if self.sink.shared is None:
+            await self.close()
+            raise SettingsError(
+                f"{where} is in use: another program, or another worker of this service"
+                " (each would answer for itself only). With several workers set"
+                " monitoring.metrics.multiprocess_dir to a folder they share (one of them"
+                " then serves all), or set port = 0 and scrape path on the app's port",
+                key="monitoring.metrics.port",
+            )
+        logger.info(
+            "metrics_port_in_use",
+            address=where,
+            consequence="served by another worker sharing multiprocess_dir (or another"
+            f" program); trying again every {_PORT_RETRY:g} s",
+        )
+        self._task = asyncio.get_running_loop().create_task(self._take_over())
+
+    async def _bind(self) -> bool:
+        assert self._runner is not None
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await site.stop()  # unregistered from the runner
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            return False
+        self.bound = True
+        return True
+
+    async def _take_over(self) -> None:
+        while True:
+            await asyncio.sleep(_PORT_RETRY)
+            if await self._bind():
+                break
+        logger.info("metrics_port_taken_over", address=f"{self.settings.host}:{self.settings.port}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.bound = False
