@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import tempfile
 import time
 from array import array
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,6 +38,7 @@ VARIANTS: Final = (
     "opentelemetry",
     "lunamon_middleware",
     "lunamon_metrics",
+    "lunamon_spool",
     "lunamon_decorator",
 )
 # The peer packages a variant needs (the `bench` extra); absent ones are skipped.
@@ -285,7 +288,11 @@ class CostTrace:
 
 
 def _lunamon(
-    middleware: bool, trace_costs: bool = False, batch_size: int = 5000, metrics: bool = False
+    middleware: bool,
+    trace_costs: bool = False,
+    batch_size: int = 5000,
+    metrics: bool = False,
+    spool: bool = False,
 ) -> tuple[web.Application, Stats]:
     sink = EncodingSink()
     app = _application()
@@ -296,6 +303,8 @@ def _lunamon(
         middleware=middleware,
         batch_size=batch_size,
         metrics={"enabled": True} if metrics else None,
+        # Each process's folder in it is removed at a clean exit.
+        spool_dir=os.path.join(tempfile.gettempdir(), "lunamon-bench-spool") if spool else None,
     )
     trace = CostTrace() if trace_costs else None
     handler: Handler = hello if trace is None else trace.inner(hello)
@@ -345,6 +354,8 @@ def build_app(
         return _lunamon(
             middleware=True, trace_costs=trace_costs, batch_size=batch_size, metrics=True
         )
+    if variant == "lunamon_spool":
+        return _lunamon(middleware=True, trace_costs=trace_costs, batch_size=batch_size, spool=True)
     raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
 
 

@@ -47,6 +47,7 @@ LABELS: Final = {
     "opentelemetry": "OpenTelemetry aiohttp-server + SDK (BatchSpanProcessor, metrics)",
     "lunamon_middleware": "**lunamon** middleware, full seed schema, encoded to a sink",
     "lunamon_metrics": "**lunamon** middleware with Prometheus `/metrics` on (same sink too)",
+    "lunamon_spool": "**lunamon** middleware with `spool_dir` on (crash-safe delivery)",
     "lunamon_decorator": "**lunamon** `@monitor_request`, `setup(middleware=False)`",
 }
 TARGETS: Final = {"lunamon_middleware": 0.85, "lunamon_decorator": 0.90}
@@ -274,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             cost = paired_ratio(results["lunamon_middleware"], bare) - ratio
             met = cost <= 0.02 and (peer is None or ratio > peer)
             goal = f"<= 0.02 over off ({cost:+.3f}) and > prometheus_client: {verdict(met)}"
+        if variant == "lunamon_spool" and "lunamon_middleware" in results:
+            # Issue 19: spool_dir on costs <= 0.02 of bare over off.
+            cost = paired_ratio(results["lunamon_middleware"], bare) - ratio
+            goal = f"<= 0.02 over off ({cost:+.3f}): {verdict(cost <= 0.02)}"
         rows.append(
             [
                 LABELS[variant],

@@ -11,6 +11,7 @@ from lunamon.flusher import Flusher, FlushPolicy, SinkStats
 from lunamon.point import Point
 from lunamon.settings import MonitoringSettings
 from lunamon.sinks.base import Sink
+from lunamon.spool import Spool
 
 __all__ = ["Monitoring"]
 
@@ -28,8 +29,20 @@ class Monitoring:
         self.sinks = list(sinks) if settings.enabled else []
         self._flusher = Flusher(self.sinks, settings.flush_policy())
         self.emit: Callable[[Point], None] = self._flusher.emit if self.enabled else _discard
+        # With `spool_dir`, emit also keeps each point for the spool (lunamon.spool).
+        self._spool: Spool | None = None
+        if self.enabled and self.sinks and settings.spool_dir:
+            self._spool = Spool(
+                settings.spool_dir, settings.spool_max_bytes, self._flusher, self._replays
+            )
+            self.emit = self._spool.wrap(self._flusher.emit)
         # The Prometheus metrics sink when [monitoring.metrics] is enabled (setup sets it).
         self.metrics: Any = None
+
+    def _replays(self, sink: Sink) -> bool:
+        """Whether ``sink`` gets what a dead process left in the spool: not the metrics
+        sink (a dead process's counts are its own), nor a sink with ``spool_replay = False``."""
+        return sink is not self.metrics and getattr(sink, "spool_replay", True) is not False
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"
@@ -42,6 +55,8 @@ class Monitoring:
     async def start(self) -> None:
         """Start the sinks and the delivery tasks (``setup`` does this on app startup)."""
         await self._flusher.start()
+        if self._spool is not None:
+            await self._spool.start()
         if self.enabled and self.settings.gc_freeze:
             freeze_startup_heap()
 
@@ -50,12 +65,23 @@ class Monitoring:
         await self._flusher.flush()
 
     async def close(self) -> None:
-        """Drain within ``shutdown_timeout`` and stop (``setup`` does this on app cleanup)."""
-        await self._flusher.close()
+        """Drain within ``shutdown_timeout`` and stop (``setup`` does this on app cleanup).
+
+        With ``spool_dir``, what is still undelivered at the deadline is counted dropped
+        (``shutdown``) here and stays in the spool: the next process delivers it.
+        """
+        if self._spool is not None:
+            await self._spool.close(self._flusher.close)
+        else:
+            await self._flusher.close()
 
     def stats(self) -> dict[str, SinkStats]:
         """Per sink: ``emitted``, ``written``, ``retries``, ``buffered``, ``dropped`` by reason."""
         return self._flusher.stats()
+
+    def spool_stats(self) -> dict[str, Any] | None:
+        """The spool's counters (:meth:`lunamon.spool.Spool.stats`); None without ``spool_dir``."""
+        return self._spool.stats() if self._spool is not None else None
 
 
 def _discard(point: Point) -> None:
