@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import re
 import time
@@ -23,11 +24,13 @@ from multidict import istr
 
 from lunamon._ids import PointClock, new_request_id, plausible_request_id
 from lunamon._log import RateLimitedLogger
+from lunamon._secrets import Secret
 from lunamon._validation import sanitize_tag_value
 from lunamon.collector import RequestCollector, current
+from lunamon.errors import SettingsError
 from lunamon.monitoring import Monitoring
 from lunamon.point import FieldValue, Point, TagSet
-from lunamon.settings import MonitoringSettings
+from lunamon.settings import MIN_TIMING_SECRET, MonitoringSettings
 
 ErrorCodeGetter = Callable[[web.Request, "web.StreamResponse | BaseException"], "int | None"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -92,6 +95,7 @@ class RequestRecorder:
         monitoring: Monitoring,
         settings: MonitoringSettings,
         error_code: ErrorCodeGetter | None = None,
+        server_timing_allow: Callable[[web.Request], object] | None = None,
     ) -> None:
         self.monitoring = monitoring
         self.service = settings.service
@@ -102,11 +106,15 @@ class RequestRecorder:
         self.failed_status_codes = settings.failed_status_codes
         self.error_code_getter = error_code
         self._routes: dict[tuple[str, object], _Route] = {}
-        self._clock = PointClock()
+        self._clock = PointClock(settings.slot_dir, settings.instance)
         self.server_timing = settings.server_timing
         name, _, value = settings.server_timing_when.partition(":")
         self._timing_header = istr(name.strip()) if name.strip() else None
-        self._timing_value = value.strip() or None
+        if settings.server_timing and settings.server_timing_secret_file:
+            value = _read_timing_secret(settings.server_timing_secret_file)
+        # The value the gating header must carry, compared in constant time.
+        self._timing_secret = Secret(value.strip()) if value.strip() else None
+        self._timing_allow = server_timing_allow
         self._log = RateLimitedLogger()
 
     def _route(self, method: str, resource: Any) -> _Route:
@@ -162,17 +170,20 @@ class RequestRecorder:
             else:
                 status = response.status
                 response.headers[header] = request_id
-                if self.server_timing:
-                    self._add_server_timing(request, response.headers, collector)
                 # A FileResponse (static files too) decides its status in prepare().
                 after = type(response) is not web.Response
+                if self.server_timing or after:
+                    collector.ended = time.perf_counter()
+                    if self.server_timing:
+                        self._add_server_timing(request, response.headers, collector, True)
             return response
         except web.HTTPException as exc:
             outcome = exc
             status = collector.sent_status or exc.status
             exc.headers[header] = request_id
             if self.server_timing:
-                self._add_server_timing(request, exc.headers, collector)
+                collector.ended = time.perf_counter()
+                self._add_server_timing(request, exc.headers, collector, True)
             raise
         except asyncio.CancelledError as exc:
             outcome = exc
@@ -189,7 +200,7 @@ class RequestRecorder:
                 after = collector.sent_status is None
             raise
         finally:
-            elapsed = time.perf_counter() - start
+            elapsed = (collector.ended or time.perf_counter()) - start
             current.reset(token)
             if after or _EXPECT in request.headers:
                 # Never reset: it lives and dies with this request's task (aiohttp runs
@@ -197,7 +208,7 @@ class RequestRecorder:
                 # (With Expect, it also tells the prepare hook this request was seen.)
                 _finished.set(collector)
             try:
-                if after and not raised:  # recorded when the task is done, status sent
+                if after:  # recorded when the task is done, with the status sent
                     task = asyncio.current_task()
                     assert task is not None
                     task.add_done_callback(
@@ -209,6 +220,7 @@ class RequestRecorder:
                             start_ns,
                             elapsed,
                             outcome,
+                            raised,
                         )
                     )
                 else:
@@ -226,6 +238,7 @@ class RequestRecorder:
         """aiohttp's ``on_response_prepare`` hook: the status about to be sent, and the
         request id echoed on any response whose headers are still unsent."""
         collector = _current_get()
+        inside = collector is not None  # a stream or websocket the handler prepares
         if collector is None:
             collector = _finished_get()
             if collector is None:
@@ -234,27 +247,51 @@ class RequestRecorder:
                 return _READY
         if collector.sent_status is None:
             collector.sent_status = response.status
+            if not inside and not collector.ended:
+                # aiohttp's answer to an unhandled exception (it logs the exception first):
+                # the request's execution ends when that answer is ready.
+                collector.ended = time.perf_counter()
             headers = response.headers
             if self.request_id_header not in headers:
                 headers[self.request_id_header] = collector.request_id
             if self.server_timing and "Server-Timing" not in headers:
-                self._add_server_timing(request, headers, collector)
+                self._add_server_timing(request, headers, collector, not inside)
         return _READY
 
     def _add_server_timing(
-        self, request: web.Request, headers: Any, collector: RequestCollector
+        self, request: web.Request, headers: Any, collector: RequestCollector, total: bool
     ) -> None:
-        """``Server-Timing: <step>;dur=<ms>, ..., total;dur=<ms>`` (browsers' devtools show it)."""
-        if self._timing_header is not None:
-            value = request.headers.get(self._timing_header)
-            if value is None or (self._timing_value is not None and value != self._timing_value):
+        """``Server-Timing: <step>;dur=<ms>, ..., total;dur=<ms>`` (browsers' devtools show it),
+        only for a request that passes the gate; ``Vary`` names the gating header on every
+        response, so that no cache hands a timed response to other clients."""
+        header = self._timing_header
+        if header is not None:
+            _add_vary(headers, header)
+            value = request.headers.get(header)
+            secret = self._timing_secret
+            if value is None or secret is None:
+                return
+            if not hmac.compare_digest(
+                value.encode("utf-8", "surrogateescape"), secret.reveal().encode()
+            ):
+                return
+        if self._timing_allow is not None:
+            try:
+                if not self._timing_allow(request):
+                    return
+            except Exception as exc:  # a failing gate shows nothing, and breaks nothing
+                self._log.log(
+                    "error", "server_timing_allow_failed", key="sta", error=repr(exc)[:512]
+                )
                 return
         parts = [
             f"{_timing_name(name)};dur={seconds * 1000:.3f}"
             for name, seconds in collector.steps.items()
         ]
-        parts.append(f"total;dur={(time.perf_counter() - collector.started) * 1000:.3f}")
-        headers["Server-Timing"] = ", ".join(parts)
+        if total:  # execution_time itself; a stream's header goes out before it is known
+            parts.append(f"total;dur={(collector.ended - collector.started) * 1000:.3f}")
+        if parts:
+            headers["Server-Timing"] = ", ".join(parts)
 
     def _record_expect_answer(self, request: web.Request, response: web.StreamResponse) -> None:
         """A request answered by its route's Expect handler, which aiohttp runs before the
@@ -286,12 +323,20 @@ class RequestRecorder:
         start_ns: int,
         elapsed: float,
         outcome: web.StreamResponse | BaseException | None,
+        raised: bool,
         _task: object,
     ) -> None:
-        """Record a response aiohttp prepared after the handler, once its task is done."""
-        status = collector.sent_status or STATUS_CLIENT_CLOSED  # never sent: the client left
+        """Record a response aiohttp prepared after the handler, once its task is done: a
+        ``FileResponse`` and the like, or aiohttp's 500 for an unhandled exception, whose
+        execution ends when that answer is ready (see :meth:`on_response_prepare`)."""
+        if raised:  # a server error whatever reached the client
+            status = collector.sent_status or 500
+            if collector.ended:
+                elapsed = collector.ended - collector.started
+        else:
+            status = collector.sent_status or STATUS_CLIENT_CLOSED  # never sent: client left
         try:
-            self._record(request, route, collector, start_ns, elapsed, status, outcome, False)
+            self._record(request, route, collector, start_ns, elapsed, status, outcome, raised)
         except Exception as exc:  # monitoring never breaks the request
             self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
 
@@ -351,6 +396,36 @@ class RequestRecorder:
 
 _timing_names: dict[str, str] = {}
 _NOT_TOKEN: Final = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+
+
+def _read_timing_secret(path: str) -> str:
+    """The value of ``server_timing_secret_file``; a missing, empty or guessable one is
+    refused at setup, naming the setting."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(
+            f"monitoring.server_timing_secret_file: cannot read {path!r}: {exc.__class__.__name__}"
+        ) from None
+    if len(value) < MIN_TIMING_SECRET:
+        raise SettingsError(
+            f"monitoring.server_timing_secret_file: {path!r} must hold at least"
+            f" {MIN_TIMING_SECRET} characters (a secret no client can guess)"
+        )
+    return value
+
+
+def _add_vary(headers: Any, name: str) -> None:
+    """Add ``name`` to the response's ``Vary`` header (kept as it is when it is ``*`` or
+    names it already)."""
+    vary = headers.get("Vary")
+    if vary is None:
+        headers["Vary"] = name
+        return
+    names = [item.strip().lower() for item in vary.split(",")]
+    if "*" not in names and name.lower() not in names:
+        headers["Vary"] = f"{vary}, {name}"
 
 
 def _timing_name(step: str) -> str:

@@ -114,6 +114,7 @@ def setup(
     sinks: Iterable[Sink | Mapping[str, Any] | SinkSettings] | None = None,
     middleware: bool = True,
     error_code: ErrorCodeGetter | None = None,
+    server_timing_allow: Callable[[web.Request], object] | None = None,
     **options: Any,
 ) -> Monitoring:
     """Monitor every request of ``app`` (or, with ``middleware=False``, the handlers
@@ -128,7 +129,9 @@ def setup(
     file's are), used instead of the configured ones; with neither, points go to an InfluxDB 1.x
     at ``localhost:8086``, database ``luna_monitoring`` (LUNA's default).
     ``error_code(request, response_or_exception)`` supplies an error code when
-    neither the exception nor a JSON body has one. Sinks start on app startup
+    neither the exception nor a JSON body has one. ``server_timing_allow(request)``
+    decides which requests get a ``Server-Timing`` header (with ``server_timing``; after
+    ``server_timing_when``'s secret header, when both are set). Sinks start on app startup
     and are drained on cleanup.
     """
     if not isinstance(app, web.Application):
@@ -137,6 +140,8 @@ def setup(
         raise RuntimeError("lunamon.setup() was already called for this application")
     if error_code is not None and not callable(error_code):
         raise TypeError("error_code= takes a callable (request, response_or_exception) -> int")
+    if server_timing_allow is not None and not callable(server_timing_allow):
+        raise TypeError("server_timing_allow= takes a callable (request) -> bool")
     options = {key: value for key, value in options.items() if value is not None}
     sinks, options = _sink_objects(sinks, options)
     config = _base_settings(settings, options)
@@ -146,7 +151,7 @@ def setup(
     sink_list = _sinks(app, config, sinks, "setup()" if "sinks" in options else None)
     metrics = None
     if config.enabled and config.metrics.enabled:
-        metrics = _metrics_sink(config)
+        metrics = _metrics_sink(config, app)
         sink_list.append(metrics)
         path = config.metrics.path  # the scrape is not a request of the service
         config = config.replace(exclude=(*config.exclude, f"GET:{path}", f"HEAD:{path}"))
@@ -155,24 +160,31 @@ def setup(
     app[MONITORING_KEY] = monitoring
     if not config.enabled:
         return monitoring
-    recorder = RequestRecorder(monitoring, config, error_code)
+    recorder = RequestRecorder(monitoring, config, error_code, server_timing_allow)
     app[RECORDER_KEY] = recorder
     if middleware:
         app.middlewares.insert(0, recorder.run)
     app.on_response_prepare.append(recorder.on_response_prepare)
     if metrics is not None:
-        from lunamon.metrics import metrics_handler
+        from lunamon.metrics import MetricsPort, add_metrics_route, check_metrics_route
 
-        app.router.add_get(config.metrics.path, metrics_handler(metrics))
+        add_metrics_route(app, metrics.settings.path, metrics)
 
     async def lunamon_lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        if metrics is not None:
+            check_metrics_route(app, config.metrics.path)  # the app's, added after setup()
         await monitoring.start()
-        runner = None
+        port = None
         if metrics is not None and config.metrics.port:
-            runner = await _serve_metrics(metrics, config)
+            port = MetricsPort(metrics)
+            try:
+                await port.start()
+            except BaseException:
+                await monitoring.close()
+                raise
         yield
-        if runner is not None:
-            await runner.cleanup()
+        if port is not None:
+            await port.close()
         await monitoring.close()
 
     app.cleanup_ctx.append(lunamon_lifecycle)
@@ -194,26 +206,16 @@ def _sink_objects(
     return None, {**options, "sinks": tables}
 
 
-def _metrics_sink(config: MonitoringSettings) -> MetricsSink:
+def _metrics_sink(config: MonitoringSettings, app: web.Application) -> MetricsSink:
+    """The metrics sink, once its folder and its path are known to be usable."""
     try:
-        from lunamon.metrics import MetricsSink
+        from lunamon.metrics import MetricsSink, check_metrics_route
     except ImportError as exc:
         raise ImportError(
             f"[monitoring.metrics] needs prometheus_client ({exc}): pip install 'lunamon[metrics]'"
         ) from None
+    check_metrics_route(app, config.metrics.path)  # before setup() changes anything
     return MetricsSink(config.metrics)
-
-
-async def _serve_metrics(metrics: MetricsSink, config: MonitoringSettings) -> web.AppRunner:
-    """``/metrics`` on a port of its own (``[monitoring.metrics] port``), unmonitored."""
-    from lunamon.metrics import metrics_handler
-
-    app = web.Application()
-    app.router.add_get(config.metrics.path, metrics_handler(metrics))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, config.metrics.host, config.metrics.port).start()
-    return runner
 
 
 def _sinks(

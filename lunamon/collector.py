@@ -35,6 +35,7 @@ class RequestCollector:
     """Tags, fields and step times of the request being served."""
 
     __slots__ = (
+        "ended",
         "extra_fields",
         "extra_tags",
         "request_id",
@@ -53,6 +54,9 @@ class RequestCollector:
         # The status line sent to the client, once a response is prepared (else None).
         self.sent_status: int | None = None
         self.started = 0.0  # perf_counter() when the handler started
+        # perf_counter() when the response was ready (0.0: not yet known); execution_time
+        # and the Server-Timing total both end there.
+        self.ended = 0.0
 
     def add_step(self, name: str, seconds: float) -> None:
         """Add ``seconds`` to step ``name`` (a step timed twice is summed)."""

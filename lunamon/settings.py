@@ -140,14 +140,37 @@ def _check_service(value: object, key: str) -> str:
     return text
 
 
+# A Server-Timing gate anyone could guess ("X-Debug-Timing: 1") shows every client the
+# service's internals: the expected value must be a real secret.
+MIN_TIMING_SECRET: Final = 16
+_SECRET_HINT: Final = (
+    "use at least 16 random characters, e.g. from"
+    " `python -c 'import secrets; print(secrets.token_urlsafe(24))'`"
+)
+
+
 def _check_condition(value: object, key: str) -> str:
-    """``""`` (every request), ``"Header"`` (present) or ``"Header: value"`` (equal)."""
+    """``""`` (every request), ``"Header: secret"`` (that header with that value), or
+    ``"Header"`` alone, whose value then comes from ``server_timing_secret_file``."""
     if not isinstance(value, str):
-        raise _fail(key, f"expected 'Header' or 'Header: value' (or ''), got {_describe(value)}")
+        raise _fail(key, f"expected 'Header: secret' (or ''), got {_describe(value)}")
     name, _, expected = value.partition(":")
     if value.strip() and not _HTTP_TOKEN.fullmatch(name.strip()):
         raise _fail(key, f"{name.strip()!r} is not a valid HTTP header name")
+    if expected.strip() and len(expected.strip()) < MIN_TIMING_SECRET:
+        raise _fail(
+            key,
+            f"the value {name.strip()} must carry is too easy to guess: anyone sending it"
+            f" would see the service's step times; {_SECRET_HINT}",
+        )
     return f"{name.strip()}: {expected.strip()}" if expected.strip() else name.strip()
+
+
+def _check_optional_path(value: object, key: str) -> str:
+    """A file name, or ``""`` for none."""
+    if not isinstance(value, str):
+        raise _fail(key, f"expected a file name (or ''), got {_describe(value)}")
+    return value.strip()
 
 
 def _check_header(value: object, key: str) -> str:
@@ -360,14 +383,25 @@ def _env_status_codes(text: str) -> list[int | str]:
     return [int(item) if item.isascii() and item.isdigit() else item for item in _env_list(text)]
 
 
-def _env_path_tags(text: str) -> dict[str, str]:
-    tags: dict[str, str] = {}
-    for item in _env_list(text):
-        param, sep, tag = item.partition("=")
-        if not sep:
-            raise ValueError(f"expected 'parameter=tag' pairs separated by commas, got {item!r}")
-        tags[param.strip()] = tag.strip()
-    return tags
+def _env_pairs(shape: str) -> Callable[[str], dict[str, str]]:
+    """A reader of ``a=b,c=d`` variables; ``shape`` names the pair (``parameter=tag``)."""
+
+    def read(text: str) -> dict[str, str]:
+        pairs: dict[str, str] = {}
+        for item in _env_list(text):
+            left, sep, right = item.partition("=")
+            if not sep:
+                raise ValueError(
+                    f"expected '{shape}' pairs separated by commas ({item!r} has no '=')"
+                )
+            pairs[left.strip()] = right.strip()
+        return pairs
+
+    return read
+
+
+_env_path_tags = _env_pairs("parameter=tag")
+_env_labels = _env_pairs("label=value")
 
 
 def _env_text(text: str) -> str:
@@ -445,6 +479,13 @@ def _check_optional_text(value: object, key: str) -> str:
     return value.strip()
 
 
+def _check_instance(value: object, key: str) -> int:
+    number = _check_int(value, key, -1)
+    if number > 99:
+        raise _fail(key, f"must be a replica number 0-99 (or -1 for none), got {number}")
+    return number
+
+
 def _env_floats(text: str) -> list[float]:
     try:
         return [float(item) for item in _env_list(text)]
@@ -470,7 +511,7 @@ _METRICS_SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
         ),
         "extra_labels": _Spec(
             _check_labels,
-            _env_path_tags,
+            _env_labels,
             "constant labels on every metric (`LUNAMON_METRICS_EXTRA_LABELS`: `k=v,...`)",
             'extra_labels = {datacenter = "eu-1"}',
         ),
@@ -529,7 +570,8 @@ _SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
         "service": _Spec(
             _check_service,
             _env_text,
-            "the `service` tag of every point",
+            "the `service` tag of every point (`setup()` without `settings=` needs"
+            " `service=` or `LUNAMON_SERVICE`: no default there)",
             'service = "luna-handlers"',
         ),
         "flush_interval": _Spec(
@@ -613,8 +655,16 @@ _SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
         "server_timing_when": _Spec(
             _check_condition,
             _env_text,
-            "only for requests carrying this header (`Name` or `Name: value`); '' all",
-            'server_timing_when = "X-Debug-Timing: 1"',
+            "only for requests carrying this header and secret value (`Name: secret`,"
+            " compared in constant time; the secret at least 16 characters); '' all",
+            'server_timing_when = "X-Debug-Timing"',
+        ),
+        "server_timing_secret_file": _Spec(
+            _check_optional_path,
+            _env_text,
+            "a file holding the value `server_timing_when`'s header must carry (then"
+            " `server_timing_when` names the header alone)",
+            'server_timing_secret_file = "/run/secrets/lunamon-timing"',
         ),
         "gc_freeze": _Spec(
             _check_bool,
@@ -622,6 +672,36 @@ _SPECS: Final[Mapping[str, _Spec]] = MappingProxyType(
             "when monitoring starts, `gc.freeze()` what is alive (once per process): no full"
             " garbage collection rescans the startup heap while the buffer fills",
             "gc_freeze = true",
+        ),
+        "slot_dir": _Spec(
+            _check_optional_text,
+            _env_text,
+            "the folder where this host's processes lock their point-time slots; '' a"
+            " folder per user in the temporary folder (a volume shared by replicas on one"
+            " host makes them exact)",
+            'slot_dir = "/run/lunamon-slots"',
+        ),
+        "instance": _Spec(
+            _check_instance,
+            _env_int,
+            "0-99, unique per replica: point times of replicas never collide (its"
+            " processes take slots 100 x instance on); -1 none (a random slot)",
+            "instance = -1",
+        ),
+        "spool_dir": _Spec(
+            _check_optional_text,
+            _env_text,
+            "a folder where each process keeps what its sinks have not stored yet: a process"
+            " started later with the same folder delivers what a killed one left, each point"
+            " once; '' none (a crash loses what is buffered)",
+            'spool_dir = "/var/lib/luna-handlers/lunamon-spool"',
+        ),
+        "spool_max_bytes": _Spec(
+            _at_least(65536),
+            _env_int,
+            "bytes of spool per process; beyond them its oldest points lose their"
+            " protection against a crash (counted in `spool_stats()`)",
+            "spool_max_bytes = 268435456",
         ),
         "metrics": _Spec(
             _check_metrics,
@@ -649,6 +729,8 @@ class _ProcessEnvironment:
 PROCESS_ENV: Final = _ProcessEnvironment()
 EnvArg = Mapping[str, str] | _ProcessEnvironment | None
 _warned_env: set[str] = set()
+# LUNAMON_* variables that are read elsewhere, not settings: never warned as unknown.
+_PROCESS_VARIABLES: Final = frozenset({"LUNAMON_PURE_PYTHON"})
 
 
 def _environment(env: EnvArg) -> Mapping[str, str] | None:
@@ -684,7 +766,12 @@ class MonitoringSettings:
     retry_max_delay: float = 30.0
     server_timing: bool = False
     server_timing_when: str = ""
+    server_timing_secret_file: str = ""
     gc_freeze: bool = True
+    slot_dir: str = ""
+    instance: int = -1
+    spool_dir: str = ""
+    spool_max_bytes: int = 256 << 20
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sinks: tuple[SinkSettings, ...] = ()
     # Where the settings came from (a file name); used in error messages.
@@ -704,12 +791,27 @@ class MonitoringSettings:
                 f"retry_base_delay ({self.retry_base_delay}) must not exceed"
                 f" retry_max_delay ({self.retry_max_delay})",
             )
+        name, colon, _ = self.server_timing_when.partition(":")
+        if self.server_timing_secret_file and colon:
+            raise _fail(
+                "server_timing_when",
+                "give the header's name alone when server_timing_secret_file holds its value",
+            )
+        if name and not colon and not self.server_timing_secret_file:
+            raise _fail(
+                "server_timing_when",
+                f"a header name alone ({name!r}) lets any client turn Server-Timing on and read"
+                f" the service's step times: give '{name}: <secret>' (for example through"
+                " LUNAMON_SERVER_TIMING_WHEN) or server_timing_secret_file",
+            )
 
     def __repr__(self) -> str:
         parts = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "failed_status_codes":
+            if f.name == "server_timing_when" and ":" in value:
+                text = repr(value.partition(":")[0] + ": ***")
+            elif f.name == "failed_status_codes":
                 text = repr(_format_status_codes(value))
             elif f.name == "path_tags":
                 text = repr(dict(value))
@@ -822,7 +924,8 @@ class MonitoringSettings:
                 spec = _METRICS_SPECS.get(sub)
                 target = metrics_env
             if spec is None or spec.from_env is None:
-                _warn_unknown_variable(name)
+                if name not in _PROCESS_VARIABLES:
+                    _warn_unknown_variable(name)
                 continue
             label = f"environment variable {name}"
             try:
@@ -846,6 +949,8 @@ class MonitoringSettings:
             error = exc
         else:
             object.__setattr__(settings, "source", source)
+            if not settings.metrics.enabled and set(metrics_env) - {"enabled"}:
+                _warn_metrics_off(sorted(set(metrics_env) - {"enabled"}))
             logger.debug(
                 "settings_loaded",
                 source=source,
@@ -899,6 +1004,20 @@ def _split_key(key: str) -> tuple[str, str]:
 def _unknown(key: object, known: Iterable[str]) -> str:
     hint = difflib.get_close_matches(str(key), list(known), n=1)
     return "unknown setting" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+
+
+def _warn_metrics_off(keys: list[str]) -> None:
+    """``LUNAMON_METRICS_*`` variables set while metrics stay off: they do nothing."""
+    names = [f"{ENV_PREFIX}METRICS_{key.upper()}" for key in keys]
+    if _warned_env.issuperset(names):
+        return
+    _warned_env.update(names)
+    logger.warning(
+        "metrics_variables_ignored",
+        variables=names,
+        detail=f"metrics are off: set {ENV_PREFIX}METRICS_ENABLED=true (or [monitoring.metrics]"
+        " enabled = true) for these to take effect",
+    )
 
 
 def _warn_unknown_variable(name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import time
@@ -32,6 +33,8 @@ SEED_PATHS = {
     "POST:/handlers/{handlerId}/events": "/handlers/3fa85f64-5717-4562-b3fc-2c963f66afa6/events",
     "POST:/verifiers/{verifierId}/verifications": "/verifiers/v1/verifications",
 }
+
+SECRET = "0123456789abcdef-timing"  # a Server-Timing gate's secret (16+ characters)
 
 
 async def _points(app: web.Application, sink: MemorySink) -> list[Point]:
@@ -712,6 +715,79 @@ async def test_an_error_code_given_as_text_is_read_as_an_integer(
     assert [p.tags.get("error_code") for p in sink.points] == [None, recorded]
 
 
+class _LunaConflict(web.HTTPConflict):
+    """A LUNA-style HTTPException: a code of its own and a JSON error body with another."""
+
+    error_code: object = 33
+
+    def __init__(self, body_code: object = 44) -> None:
+        super().__init__(
+            text=json.dumps({"error_code": body_code, "desc": "conflict"}),
+            content_type="application/json",
+        )
+
+
+async def test_an_http_exceptions_own_error_code_beats_its_json_bodys(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # Mutant killed: the body read first (an HTTPException is a web.Response in aiohttp 3).
+    async def handler(request: web.Request) -> web.Response:
+        raise _LunaConflict()
+
+    app, sink = _recorder_app(handler, "/conflict", error_code=lambda request, outcome: 77)
+    client = await aiohttp_client(app)
+    response = await client.get("/conflict")
+    assert response.status == 409
+    assert (await response.json())["error_code"] == 44  # the body the client got
+    await app[MONITORING_KEY].flush()
+    assert [p.tags.get("error_code") for p in sink.points] == [None, "33"]
+
+
+@pytest.mark.parametrize(
+    ("own", "body", "getter", "recorded"),
+    [
+        (True, 44, None, "44"),  # not a code: the body's
+        (True, True, 77, "77"),  # neither is: the getter's
+        (True, True, True, "0"),  # nor the getter's: the default of a 4xx
+        (False, 44, None, "44"),
+        (1, True, None, "1"),  # the int 1 is a code (True == 1, yet not a code)
+    ],
+)
+async def test_a_boolean_error_code_is_not_a_code_and_falls_through(
+    aiohttp_client: ClientFactory, own: object, body: object, getter: object, recorded: str
+) -> None:
+    class Conflict(_LunaConflict):
+        error_code = own
+
+    async def handler(request: web.Request) -> web.Response:
+        raise Conflict(body)
+
+    app, sink = _recorder_app(handler, "/c", error_code=lambda request, outcome: getter)
+    client = await aiohttp_client(app)
+    assert (await client.get("/c")).status == 409
+    await app[MONITORING_KEY].flush()
+    assert [p.tags.get("error_code") for p in sink.points] == [None, recorded]
+
+
+@pytest.mark.parametrize("given", ["given-id-18", None])
+@pytest.mark.parametrize("exception", [web.HTTPNotFound, web.HTTPConflict, _LunaConflict])
+async def test_the_request_id_is_echoed_on_a_raised_http_exception(
+    aiohttp_client: ClientFactory, given: str | None, exception: type[web.HTTPException]
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        raise exception()
+
+    app, sink = _recorder_app(handler, "/x")
+    client = await aiohttp_client(app)
+    response = await client.get("/x", headers={"Luna-Request-Id": given} if given else {})
+    assert response.status == exception.status_code
+    await app[MONITORING_KEY].flush()
+    recorded = {p.fields["request_id"] for p in sink.points}
+    assert recorded == {response.headers.get("Luna-Request-Id")}
+    if given is not None:
+        assert recorded == {given}
+
+
 def _json_body(size: int) -> bytes:
     head = b'{"error_code": 7, "pad": "'
     body = head + b"x" * (size - len(head) - 2) + b'"}'
@@ -925,7 +1001,8 @@ def _fixed_clocks(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_server_timing_of_a_streamed_response_is_exact(
     aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A response prepared by the handler gets its header in the prepare hook.
+    # A response prepared by the handler gets its header in the prepare hook, with the
+    # steps so far and no total: execution_time is not known before the body is sent.
     async def stream(request: web.Request) -> web.StreamResponse:
         for name in ("decode", "a b_time", "_time"):
             with lunamon.measure(name):
@@ -945,9 +1022,7 @@ async def test_server_timing_of_a_streamed_response_is_exact(
         assert response.status == 200
         header = response.headers.get("Server-Timing")
         if enabled:
-            assert header == (
-                "decode;dur=250.000, a_b;dur=250.000, step;dur=250.000, total;dur=125.000"
-            )
+            assert header == "decode;dur=250.000, a_b;dur=250.000, step;dur=250.000"
             response = await client.get("/s?own=1")
             assert response.headers.getall("Server-Timing") == ["app;dur=1"]  # left alone
         else:
@@ -963,15 +1038,23 @@ async def test_server_timing_only_for_requests_that_ask_as_configured(
         return web.Response(text="ok")
 
     async def stream(request: web.Request) -> web.StreamResponse:
+        with lunamon.measure("decode_time"):  # a stream's header has its steps, no total
+            pass
         response = web.StreamResponse()
         await response.prepare(request)  # the header goes out through the prepare hook
         return response
 
-    app, _ = _recorder_app(handler, "/", server_timing=True, server_timing_when="X-Debug:on:1")
+    app, _ = _recorder_app(
+        handler, "/", server_timing=True, server_timing_when=f"X-Debug:on:{SECRET}"
+    )
     app.router.add_get("/stream", stream)
     client = await aiohttp_client(app)
     for path in ("/", "/stream"):
-        for sent, shown in [({"X-Debug": "on:1"}, True), ({"X-Debug": "on"}, False), ({}, False)]:
+        for sent, shown in [
+            ({"X-Debug": f"on:{SECRET}"}, True),
+            ({"X-Debug": "on"}, False),
+            ({}, False),
+        ]:
             response = await client.get(path, headers=sent)
             assert response.status == 200
             assert ("Server-Timing" in response.headers) is shown, (path, sent)
@@ -995,10 +1078,12 @@ async def test_an_expect_handler_answer_is_recorded_like_any_response(
 ) -> None:
     from types import SimpleNamespace
 
+    import lunamon._ids
     import lunamon._recorder
 
     # Requests start in 2001 here: a generated id carries the start's seconds, not "now".
     start = 1_000_000_000_123_456_000
+    monkeypatch.setattr(lunamon._ids, "_last_quantum", 0)  # the process's clock went back
     monkeypatch.setattr(
         lunamon._recorder,
         "time",
@@ -1030,7 +1115,8 @@ async def test_an_expect_handler_answer_is_recorded_like_any_response(
     for point in (given, made):
         assert dict(point.tags) == {"service": "svc", "route": "POST:/handlers/{handlerId}/upload",
                                     "status_code": "417", "handler_id": "h9"}  # fmt: skip
-        assert start <= point.time_ns < start + 10**6  # the start, made unique per process
+        # The start's 10 µs quantum (then the next ones), made unique by the process's slot.
+        assert start - start % 10_000 <= point.time_ns < start + 10**6
     assert [e.tags["error_code"] for e in sink.series("error")] == ["9", "9"]  # from the body
 
 

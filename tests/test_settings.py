@@ -1219,7 +1219,7 @@ def test_the_process_environment_default_shows_no_variable() -> None:
         ({"metrics": {"multiprocess_dir": 5}}, "metrics.multiprocess_dir",
          "expected a string (empty for none), got integer 5"),
         ({"server_timing_when": 5}, "server_timing_when",
-         "expected 'Header' or 'Header: value' (or ''), got integer 5"),
+         "expected 'Header: secret' (or ''), got integer 5"),
         ({"server_timing_when": "bad header: x"}, "server_timing_when",
          "'bad header' is not a valid HTTP header name"),
     ],

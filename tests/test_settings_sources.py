@@ -49,12 +49,17 @@ GOOD = [
     Case("server_timing", "true", "true", True, True),
     Case(
         "server_timing_when",
-        '"X-Debug-Timing:1"',
-        "X-Debug-Timing:1",
-        "X-Debug-Timing:1",
-        "X-Debug-Timing: 1",
+        '"X-Debug-Timing:0123456789abcdef"',
+        "X-Debug-Timing:0123456789abcdef",
+        "X-Debug-Timing:0123456789abcdef",
+        "X-Debug-Timing: 0123456789abcdef",
     ),
+    Case("server_timing_secret_file", '" /run/s "', "/run/s", "/run/s", "/run/s"),
     Case("gc_freeze", "false", "false", False, False),
+    Case("slot_dir", '" /run/slots "', "/run/slots", "/run/slots", "/run/slots"),
+    Case("instance", "7", "7", 7, 7),
+    Case("spool_dir", '" /var/spool/x "', "/var/spool/x", "/var/spool/x", "/var/spool/x"),
+    Case("spool_max_bytes", "1048576", "1048576", 1 << 20, 1 << 20),
     # A table: variables set its keys one by one (LUNAMON_METRICS_PORT, test_metrics.py).
     Case(
         "metrics",
@@ -83,7 +88,15 @@ BAD = [
     Case("retry_max_delay", "-9.0", "-9.0", -9.0, None),
     Case("server_timing", '"yes"', None, "yes", None),
     Case("server_timing_when", '"Bad Header: 1"', "Bad Header: 1", "Bad Header: 1", None),
+    Case(
+        "server_timing_when", '"X-Debug-Timing: 1"', "X-Debug-Timing: 1", "X-Debug-Timing: 1", None
+    ),
+    Case("server_timing_secret_file", "3", None, 3, None),
     Case("gc_freeze", '"no"', None, "no", None),
+    Case("slot_dir", "3", None, 3, None),
+    Case("instance", "100", "100", 100, None),
+    Case("spool_dir", "3", None, 3, None),
+    Case("spool_max_bytes", "4096", "4096", 4096, None),
     Case("metrics", "{port = 70000}", None, {"port": 70000}, None),
 ]
 
@@ -178,6 +191,62 @@ def test_unknown_variable_is_warned_with_a_suggestion() -> None:
     warned = [e for e in logs if e["event"] == "unknown_environment_variable"]
     assert warned
     assert warned[0]["hint"] == "did you mean LUNAMON_FLUSH_INTERVAL?"
+
+
+def test_the_pure_python_switch_is_not_an_unknown_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from structlog.testing import capture_logs
+
+    import lunamon.settings
+
+    monkeypatch.setattr(lunamon.settings, "_warned_env", set())
+    with capture_logs() as logs:
+        MonitoringSettings.from_env({"LUNAMON_PURE_PYTHON": "1", "LUNAMON_PURE_PYTHONN": "1"})
+    warned = [e["variable"] for e in logs if e["event"] == "unknown_environment_variable"]
+    assert warned == ["LUNAMON_PURE_PYTHONN"]
+
+
+def test_metrics_variables_without_metrics_on_are_warned_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from structlog.testing import capture_logs
+
+    import lunamon.settings
+
+    monkeypatch.setattr(lunamon.settings, "_warned_env", set())
+    env = {"LUNAMON_METRICS_PORT": "9100", "LUNAMON_METRICS_STEPS": "true"}
+    with capture_logs() as logs:
+        MonitoringSettings.from_env(env)
+        MonitoringSettings.from_env(env)
+        on = MonitoringSettings.from_env({**env, "LUNAMON_METRICS_ENABLED": "true"})
+        MonitoringSettings.from_env({"LUNAMON_METRICS_ENABLED": "false"})
+    assert on.metrics.port == 9100
+    warned = [e for e in logs if e["event"] == "metrics_variables_ignored"]
+    assert len(warned) == 1
+    assert warned[0]["variables"] == ["LUNAMON_METRICS_PORT", "LUNAMON_METRICS_STEPS"]
+    assert "LUNAMON_METRICS_ENABLED=true" in warned[0]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "LUNAMON_METRICS_EXTRA_LABELS",
+            "expected 'label=value' pairs separated by commas ('datacenter' has no '='),"
+            " got 'datacenter'",
+        ),
+        (
+            "LUNAMON_PATH_TAGS",
+            "expected 'parameter=tag' pairs separated by commas ('datacenter' has no '='),"
+            " got 'datacenter'",
+        ),
+    ],
+)
+def test_a_pair_variable_without_equals_says_so_once(name: str, message: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        MonitoringSettings.from_env({name: "datacenter"})
+    assert refused.value.problem == message
 
 
 def test_signatures_show_no_environment() -> None:
