@@ -18,7 +18,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
@@ -78,6 +78,26 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         "--quick", action="store_true", help="tiny inputs, one round: a smoke run, not a figure"
     )
     return parser
+
+
+def null_span_provider() -> Any:
+    """An OpenTelemetry SDK ``TracerProvider`` whose spans go through a
+    ``BatchSpanProcessor`` to an exporter that drops them: the SDK's whole cost, no I/O.
+    Only when ``opentelemetry.sdk`` is installed (the ``bench`` extra)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class NullExporter(SpanExporter):  # type: ignore[misc,unused-ignore]  # Any without the bench extra
+        def export(self, spans: Sequence[Any]) -> Any:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(NullExporter()))
+    return provider
 
 
 def have(module: str) -> bool:

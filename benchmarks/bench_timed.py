@@ -29,6 +29,7 @@ from benchmarks._common import (
     fmt_ratio,
     have,
     markdown_table,
+    null_span_provider,
     verdict,
 )
 from lunamon.collector import RequestCollector, current
@@ -176,19 +177,7 @@ def _variants() -> tuple[list[Variant], list[tuple[str, str]]]:
     else:
         skipped.append(("OpenTelemetry API, no SDK", "opentelemetry-api"))
     if have("opentelemetry.sdk"):
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import (
-            BatchSpanProcessor,
-            SpanExporter,
-            SpanExportResult,
-        )
-
-        class NullExporter(SpanExporter):  # type: ignore[misc,unused-ignore]  # Any without the bench extra
-            def export(self, spans: Sequence[Any]) -> Any:
-                return SpanExportResult.SUCCESS
-
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(NullExporter()))
+        provider = null_span_provider()
         variants.append(
             Variant(
                 "otel_sdk",

@@ -32,6 +32,7 @@ SCRIPTS: Final = (
     "bench_memory",
     "bench_report",
     "bench_clickhouse",
+    "bench_client",
 )
 TIMEOUT: Final = 420.0  # seconds per script: every loop in them is bounded well below
 PACKAGES: Final = (
@@ -45,6 +46,7 @@ PACKAGES: Final = (
     "opentelemetry-api",
     "opentelemetry-sdk",
     "opentelemetry-instrumentation-aiohttp-server",
+    "opentelemetry-instrumentation-aiohttp-client",
     "prometheus-client",
 )
 

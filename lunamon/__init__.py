@@ -8,6 +8,7 @@ too), a line-protocol file, a structlog logger, memory, or your own.
 """
 
 from lunamon.aiohttp import MONITORING_KEY, monitor_request, setup
+from lunamon.client import client_trace_config
 from lunamon.collector import (
     RequestCollector,
     add_field,
@@ -17,6 +18,7 @@ from lunamon.collector import (
 )
 from lunamon.errors import BatchTooLarge, LineProtocolError, SettingsError, SinkError
 from lunamon.lineprotocol import parse_line_protocol
+from lunamon.logs import RequestIdFilter, add_request_id
 from lunamon.monitoring import Monitoring
 from lunamon.point import Point, encode_lines
 from lunamon.settings import MonitoringSettings, SinkSettings
@@ -47,12 +49,15 @@ __all__ = [
     "MonitoringSettings",
     "Point",
     "RequestCollector",
+    "RequestIdFilter",
     "SettingsError",
     "Sink",
     "SinkError",
     "SinkSettings",
     "add_field",
+    "add_request_id",
     "add_tag",
+    "client_trace_config",
     "current_request",
     "encode_lines",
     "measure",

@@ -4,7 +4,8 @@ Events go to structlog's ``lunamon`` logger when the application configured
 structlog, else to the stdlib logger ``lunamon`` (so
 ``logging.getLogger("lunamon").setLevel(logging.ERROR)`` silences the rest, and
 nothing prints unless logging is set up). Every text is redacted with the secret
-values lunamon knows (:func:`lunamon._secrets.remember`). A dead sink fails every
+values lunamon knows (:func:`lunamon._secrets.remember`). An event logged while a
+monitored request is served carries its ``request_id``. A dead sink fails every
 flush: :class:`RateLimitedLogger` lets the same event through once per interval
 and says how many were suppressed meanwhile.
 """
@@ -18,6 +19,7 @@ from typing import Any, Final
 import structlog
 
 from lunamon._secrets import redact_known
+from lunamon.collector import current
 
 __all__ = ["RateLimitedLogger", "logger"]
 
@@ -41,6 +43,9 @@ class _Logger:
     def _log(self, level: str, event: str, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
         event = redact_known(event % args if args else event)
         fields = {key: _clean(value) for key, value in kw.items()}
+        collector = current.get()
+        if collector is not None and "request_id" not in fields:
+            fields["request_id"] = collector.request_id
         if structlog.is_configured():
             getattr(structlog.get_logger("lunamon"), level)(event, **fields)
             return

@@ -88,6 +88,7 @@ def test_service() -> None:
     labels = (
         "**lunamon** middleware, full",
         "**lunamon** middleware with Prometheus",
+        "**lunamon** middleware with `spool_dir`",
         "**lunamon** `@monitor_request`",
     )
     for label in labels:
@@ -139,7 +140,13 @@ def test_profile_hotpath() -> None:
     assert figure(row(rows, "`RequestRecorder.run()` whole")) > 0
 
 
-@pytest.mark.parametrize("script", ["bench_timed", "bench_encode", "bench_write"])
+def test_client() -> None:
+    rows = table(run_script("bench_client"))
+    assert figure(row(rows, "bare `ClientSession`")) > 0
+    assert figure(row(rows, "**lunamon** `client_trace_config`, inside")) > 0
+
+
+@pytest.mark.parametrize("script", ["bench_timed", "bench_encode", "bench_write", "bench_client"])
 def test_missing_peers_are_skipped(script: str) -> None:
     output = run_script(script, hide_peers=True)
     rows = table(output)

@@ -6,9 +6,11 @@ import contextlib
 import io
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +35,32 @@ def _stats(stdout: str) -> dict[str, tuple[int, ...]]:
     return {m[1]: tuple(_number(g) for g in m.groups()[1:]) for m in STATS_LINE.finditer(stdout)}
 
 
-@pytest.fixture(scope="module")
-def demo_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Point], str]:
-    """``lunamon demo --requests 300`` in a fresh directory with the default output file."""
-    directory = tmp_path_factory.mktemp("demo")
-    stdout = io.StringIO()
+@contextlib.contextmanager
+def _inside(directory: Path) -> Iterator[None]:
     cwd = os.getcwd()
     os.chdir(directory)
     try:
-        with contextlib.redirect_stdout(stdout):
-            assert main(["demo", "--requests", "300", *FAST]) == 0
+        yield
     finally:
         os.chdir(cwd)
-    points = parse_line_protocol((directory / "lunamon-demo.lp").read_text())
-    return points, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``lunamon demo --requests 300`` in a fresh directory with the default output files:
+    the directory and what the demo printed."""
+    directory = tmp_path_factory.mktemp("demo")
+    stdout = io.StringIO()
+    with _inside(directory), contextlib.redirect_stdout(stdout):
+        assert main(["demo", "--requests", "300", *FAST]) == 0
+    return directory, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_file(demo_run: tuple[Path, str]) -> tuple[list[Point], str]:
+    """The handlers-like service's points of the demo run, and what the demo printed."""
+    directory, stdout = demo_run
+    return parse_line_protocol((directory / "lunamon-demo.lp").read_text()), stdout
 
 
 def test_demo_file_holds_exactly_the_written_points(demo_file: tuple[list[Point], str]) -> None:
@@ -98,6 +112,51 @@ def test_demo_error_points_carry_luna_codes(demo_file: tuple[list[Point], str]) 
     assert len(failed) == len(errors)
 
 
+def test_the_handlers_call_the_faces_service_with_the_request_id(
+    demo_run: tuple[Path, str],
+) -> None:
+    directory, out = demo_run
+    handlers = {
+        p.fields["request_id"]: p
+        for p in parse_line_protocol((directory / "lunamon-demo.lp").read_text())
+        if p.series == "request"
+    }
+    faces = parse_line_protocol((directory / "lunamon-demo-faces.lp").read_text())
+    calling = [p for p in handlers.values() if "faces_time" in p.fields]
+    assert len(faces) == len(calling) > 0  # one faces point per call, none failed
+    assert {p.tags["route"] for p in calling} == {"POST:/handlers/{handlerId}/events"}
+    for face in faces:
+        assert face.series == "request"
+        assert (face.tags["service"], face.tags["route"]) == ("luna-faces", "POST:/faces")
+        caller = handlers[face.fields["request_id"]]  # the handlers' id went along
+        assert "insert_face_time" in face.fields
+        # One process, one clock: the call's time holds the callee's whole handler.
+        assert face.fields["execution_time"] <= caller.fields["faces_time"]  # type: ignore[operator]
+        assert caller.time_ns < face.time_ns
+    assert f"luna-faces (called by the handlers) -> faces-file: {len(faces):,} of" in out
+
+
+def test_the_demo_ends_with_a_trace_command_that_works(
+    demo_run: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, out = demo_run
+    command = shlex.split(out.strip().splitlines()[-1])
+    assert command[:2] == ["lunamon", "trace"]
+    assert command[3:] == ["lunamon-demo.lp", "lunamon-demo-faces.lp"]
+    handlers = parse_line_protocol((directory / "lunamon-demo.lp").read_text())
+    calling = [p for p in handlers if p.series == "request" and "faces_time" in p.fields]
+    slowest = max(calling, key=lambda p: p.fields["execution_time"])
+    assert command[2] == slowest.fields["request_id"]
+    with _inside(directory):
+        assert main(command[1:]) == 0
+    trace = capsys.readouterr().out
+    assert "2 points from 2 services" in trace
+    assert re.search(
+        r"^luna-handlers POST:/handlers/\{handlerId\}/events +201 +\+0\.000 ", trace, re.M
+    )
+    assert re.search(r"^  luna-faces POST:/faces +201 +\+[\d.]+ ", trace, re.M)
+
+
 def test_demo_prints_the_report(demo_file: tuple[list[Point], str]) -> None:
     _, out = demo_file
     assert "Requests by route" in out
@@ -136,6 +195,12 @@ def test_demo_into_influxdb(influxd: InfluxServer, capsys: pytest.CaptureFixture
         assert all(types[step] == "float" for step in steps)
     routes = influxd.column('SHOW TAG VALUES FROM "request" WITH KEY = "route"', db, "value")
     assert set(routes) == set(SUBSTEPS)
+    # The faces-like service: a database of its own on the same server, both in the trace.
+    faces = influxd.column('SELECT "request_id" FROM "request"', f"{db}_faces", "request_id")
+    assert faces
+    trace = shlex.split(out.strip().splitlines()[-1])
+    assert trace[3:] == ["--influx", f"{influxd.url}/{db}", "--influx", f"{influxd.url}/{db}_faces"]
+    assert trace[2] in faces
 
 
 def test_demo_unreachable_influxdb_is_one_line_error(
@@ -210,9 +275,11 @@ for package in (lunamon, lunamon.sinks):
     for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
         if module.name not in apart:
             importlib.import_module(module.name)
-library = sorted(m for m in sys.modules if m.startswith(apart))
+def inside(name, packages):  # lunamon.client is not inside lunamon.cli
+    return any(name == p or name.startswith(p + ".") for p in packages)
+library = sorted(m for m in sys.modules if inside(m, apart))
 import lunamon.demo.run
-demo = sorted(m for m in sys.modules if m.startswith("lunamon.cli"))
+demo = sorted(m for m in sys.modules if inside(m, ("lunamon.cli",)))
 print(library, demo)
 """
 

@@ -627,3 +627,50 @@ def test_timeline_buckets_equal_the_bucketing_of_every_time(span_s: float) -> No
     )
     days = span_s / 86_400
     assert len(timeline.requests) <= max(100, 2 * days)
+
+
+# --------------------------------------------------------------------------- slowest
+
+
+def _expected_slowest(route: str, count: int) -> list[tuple[str, float]]:
+    requests = [p for p in known_points() if p.series == "request" and p.tags["route"] == route]
+    ranked = sorted(
+        ((float(p.fields["execution_time"]), str(p.fields["request_id"])) for p in requests),
+        reverse=True,
+    )
+    return [(request_id, seconds) for seconds, request_id in ranked[:count]]
+
+
+def test_report_names_the_slowest_requests_of_each_route(
+    known_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(known_file), "--slowest", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for route in data["routes"]:
+        named = [(s["request_id"], s["execution_time"]) for s in route["slowest"]]
+        assert named == _expected_slowest(route["route"], 3)
+    assert len(data["routes"][1]["slowest"]) == 1  # POST:/extractor has one request
+    # The file's fast path and the points' path keep the same ids.
+    from_file = report_file(known_file, slowest=3)
+    assert from_file.routes == build_report(known_points(), source="x", slowest=3).routes
+    assert main(["report", str(known_file), "--slowest", "2"]) == 0
+    out = capsys.readouterr().out
+    shown = out.split("Slowest requests by route")[1].split("Sub-steps")[0]
+    for route in ROUTES:
+        for request_id, seconds in _expected_slowest(route, 2):
+            assert re.search(rf"\b{seconds * 1000:.2f} +{request_id}\b", shown), request_id
+    assert main(["report", str(known_file), "--json"]) == 0
+    assert all("slowest" not in r for r in json.loads(capsys.readouterr().out)["routes"])
+
+
+def test_slowest_ties_are_kept_by_id_whatever_their_order() -> None:
+    tags = {"service": "s", "route": "GET:/x", "status_code": "200"}
+    points = [
+        Point(
+            "request", 1_700_000_000_000_000_000 + i, tags, {"request_id": rid, "execution_time": t}
+        )
+        for i, (rid, t) in enumerate([("b", 1.0), ("a", 1.0), ("c", 1.0), ("d", 0.5), ("e", 2.0)])
+    ]
+    for ordered in (points, points[::-1]):
+        report = build_report(ordered, source="x", slowest=2)
+        assert report.routes[0].slowest == (("e", 2.0), ("c", 1.0))

@@ -11,7 +11,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from servers import FakeInfluxServer, FakeResponse, InfluxServer, free_port
+from servers import (
+    ADMIN_PASSWORD,
+    ADMIN_USER,
+    FakeInfluxServer,
+    FakeResponse,
+    InfluxServer,
+    free_port,
+)
 
 from lunamon.cli import main
 from lunamon.cli.influxql import parse_influx_url
@@ -117,7 +124,8 @@ def test_send_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     [
         ("http://127.0.0.1:8086/luna", None, ("127.0.0.1", 8086, "luna", False, None, None)),
         ("http://localhost/luna", None, ("localhost", 8086, "luna", False, None, None)),
-        ("https://db.example:443/x", "y", ("db.example", 443, "y", True, None, None)),
+        ("https://db.example:443", "y", ("db.example", 443, "y", True, None, None)),
+        ("https://db.example:443/y", "y", ("db.example", 443, "y", True, None, None)),
         ("http://u:p%40ss@127.0.0.1:1/d", None, ("127.0.0.1", 1, "d", False, "u", "p@ss")),
     ],
 )
@@ -277,3 +285,53 @@ async def test_send_progress_bar_only_on_a_terminal_stderr(
     assert "\x1b[" not in out
     assert "influxdb: 50 = 50 + 0 + 0  ok" in out
     assert len(written_lines(fake_influx)) == 50
+
+
+def test_credentials_from_the_environment_or_a_file_not_the_url(
+    influxd_auth: InfluxServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As influx and clickhouse-client users expect: credentials out of the URL (and `ps`)."""
+    user, password = ADMIN_USER, ADMIN_PASSWORD
+    path = tmp_path / "points.lp"
+    path.write_bytes(encode_lines(make_points(10)))
+    url = f"{influxd_auth.url}/lunamon_cli_credentials"
+    monkeypatch.delenv("INFLUX_USERNAME", raising=False)
+    monkeypatch.delenv("INFLUX_PASSWORD", raising=False)
+    assert main(["send", str(path), "--influx", url, "--no-progress", "--max-retries", "0"]) == 1
+    assert "10 of 10 points were not written" in capsys.readouterr().err  # 401
+    monkeypatch.setenv("INFLUX_USERNAME", user)
+    monkeypatch.setenv("INFLUX_PASSWORD", password)
+    assert main(["send", str(path), "--influx", url, "--no-progress"]) == 0
+    monkeypatch.setenv("INFLUX_PASSWORD", "wrong")
+    secret = tmp_path / "password"
+    secret.write_text(f"{password}\n")
+    args = ["send", str(path), "--influx", url, "--no-progress", "--password-file", str(secret)]
+    assert main(args) == 0  # the file wins over the variable
+    rows = influxd_auth.rows(
+        'SELECT count("execution_time") FROM "request"', "lunamon_cli_credentials"
+    )
+    assert rows[0]["count"] == 10  # the same points twice: stored once
+    out = capsys.readouterr()
+    assert password not in out.out + out.err
+    url_with = f"http://{user}:{password}@{url.split('://', 1)[1]}"
+    assert main(["send", str(path), "--influx", url_with, "--password-file", str(secret)]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
+def test_clickhouse_credentials_from_the_environment_default_to_the_default_user(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lunamon.cli import _clickhouse_target
+
+    monkeypatch.delenv("CLICKHOUSE_USER", raising=False)
+    monkeypatch.setenv("CLICKHOUSE_PASSWORD", "pw-from-env")
+    target = _clickhouse_target("http://127.0.0.1:8123/db")
+    assert (target.username, target.password) == ("default", "pw-from-env")
+    monkeypatch.setenv("CLICKHOUSE_USER", "luna")
+    target = _clickhouse_target("http://127.0.0.1:8123/db")
+    assert (target.username, target.password) == ("luna", "pw-from-env")
+    target = _clickhouse_target("http://u:p@127.0.0.1:8123/db")  # the URL's win
+    assert (target.username, target.password) == ("u", "p")

@@ -1,7 +1,8 @@
-"""The ``lunamon`` command: ``demo``, ``report`` and ``send``.
+"""The ``lunamon`` command: ``demo``, ``report``, ``trace`` and ``send``.
 
 This module parses the command line and reports; the work is in
-:mod:`lunamon.cli.report`, :mod:`~lunamon.cli.charts`, :mod:`~lunamon.cli.send`,
+:mod:`lunamon.cli.report`, :mod:`~lunamon.cli.charts`, :mod:`~lunamon.cli.trace`,
+:mod:`~lunamon.cli.send`,
 :mod:`~lunamon.cli.influxql`, :mod:`~lunamon.cli.clickhouse` and the demo service's run,
 :mod:`lunamon.demo.run`.
 The library never imports this package.
@@ -17,8 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import os
+import shlex
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 _T = TypeVar("_T")
+_Target = TypeVar("_Target", "InfluxTarget", "ClickHouseTarget")
 
 DEFAULT_REQUESTS = 2000
 DEFAULT_OUT = "lunamon-demo.lp"
@@ -195,11 +200,49 @@ def _check_delivered(stats: dict[str, SinkStats], what: str) -> None:
             )
 
 
-def _influx_target(url: str, database: str | None = None) -> InfluxTarget:
+# Credentials kept out of the URL (where `ps` shows them): the variables the stores' own
+# clients read (influx 1.x, clickhouse-client), or a file given with --password-file.
+_CREDENTIAL_VARIABLES: dict[str, tuple[str, str]] = {
+    "influx": ("INFLUX_USERNAME", "INFLUX_PASSWORD"),
+    "clickhouse": ("CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD"),
+}
+
+
+def _with_credentials(target: _Target, option: str, password_file: str | None) -> _Target:
+    """``target`` with the credentials of the environment or ``--password-file`` when its
+    URL holds none (the URL's win; both a URL password and a file are refused)."""
+    if target.username is not None or target.password is not None:
+        if password_file:
+            raise CommandError(
+                f"--{option}: the URL holds credentials and --password-file gives a password:"
+                " give one of them"
+            )
+        return target
+    user_variable, password_variable = _CREDENTIAL_VARIABLES[option]
+    username = os.environ.get(user_variable) or None
+    password = os.environ.get(password_variable) or None
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as file:
+                password = file.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(
+                f"--password-file {password_file}: {exc.__class__.__name__}"
+            ) from None
+    if password is not None and username is None and option == "clickhouse":
+        username = "default"  # clickhouse-client's user when none is named
+    if username is None and password is None:
+        return target
+    return dataclasses.replace(target, username=username, password=password)
+
+
+def _influx_target(
+    url: str, database: str | None = None, password_file: str | None = None
+) -> InfluxTarget:
     from lunamon.cli.influxql import InfluxURLError, parse_influx_url
 
     try:
-        target = parse_influx_url(url, database)
+        target = _with_credentials(parse_influx_url(url, database), "influx", password_file)
     except InfluxURLError as exc:
         raise CommandError(f"--influx {exc}") from None
     try:
@@ -213,11 +256,13 @@ def _influx_target(url: str, database: str | None = None) -> InfluxTarget:
     return target
 
 
-def _clickhouse_target(url: str, database: str | None = None) -> ClickHouseTarget:
+def _clickhouse_target(
+    url: str, database: str | None = None, password_file: str | None = None
+) -> ClickHouseTarget:
     from lunamon.cli.clickhouse import ClickHouseURLError, parse_clickhouse_url
 
     try:
-        target = parse_clickhouse_url(url, database)
+        target = _with_credentials(parse_clickhouse_url(url, database), "clickhouse", password_file)
     except ClickHouseURLError as exc:
         raise CommandError(f"--clickhouse {exc}") from None
     try:
@@ -281,6 +326,20 @@ class _DemoOutput:
     influx: InfluxTarget | None = None
     clickhouse: ClickHouseTarget | None = None
     copy: MemorySink | None = None  # with --config: every point, for the report
+    # The faces-like service's sinks, and where they write (a file, a database).
+    faces_sinks: list[Sink] | None = None
+    faces_file: Path | None = None
+    faces_database: InfluxTarget | ClickHouseTarget | None = None
+
+    def trace_sources(self) -> str | None:
+        """The sources of ``lunamon trace`` holding the points of both services."""
+        if self.influx is not None:
+            return f"--influx {self.influx} --influx {self.faces_database}"
+        if self.clickhouse is not None:
+            return f"--clickhouse {self.clickhouse} --clickhouse {self.faces_database}"
+        if self.file is None or self.faces_file is None:
+            return None  # --config: the handlers' points are where the settings say
+        return f"{shlex.quote(str(self.file))} {shlex.quote(str(self.faces_file))}"
 
     def read_back(self, started_ns: int) -> tuple[list[Point], str]:
         """The points of the run that started at ``started_ns``, and their source for the
@@ -317,25 +376,57 @@ def _demo_output(
     clickhouse: ClickHouseTarget | None = None,
 ) -> _DemoOutput:
     """The sinks of the run: into InfluxDB or ClickHouse, the sinks of ``settings`` (plus a
-    copy for the report), or the line-protocol file ``out``."""
+    copy for the report), or the line-protocol file ``out``. The faces-like service writes
+    as one more service would: into a database of its own on the same server
+    (``<database>_faces``), a file of its own beside ``out`` (``lunamon-demo-faces.lp``),
+    or, with ``settings``, into memory only."""
+    import dataclasses
+
+    from lunamon.sinks.file import LineProtocolFileSink
+    from lunamon.sinks.memory import MemorySink
+
     if influx is not None:
-        return _DemoOutput(f"InfluxDB {influx}", [influx.sink()], influx=influx)
+        faces_influx = dataclasses.replace(influx, database=f"{influx.database}_faces")
+        return _DemoOutput(
+            f"InfluxDB {influx}",
+            [influx.sink()],
+            influx=influx,
+            faces_sinks=[faces_influx.sink()],
+            faces_database=faces_influx,
+        )
     if clickhouse is not None:
-        return _DemoOutput(f"ClickHouse {clickhouse}", [clickhouse.sink()], clickhouse=clickhouse)
+        faces_house = dataclasses.replace(clickhouse, database=f"{clickhouse.database}_faces")
+        return _DemoOutput(
+            f"ClickHouse {clickhouse}",
+            [clickhouse.sink()],
+            clickhouse=clickhouse,
+            faces_sinks=[faces_house.sink()],
+            faces_database=faces_house,
+        )
     if settings is not None:
         from lunamon.errors import SettingsError
-        from lunamon.sinks.memory import MemorySink
 
         try:
             sinks = settings.build_sinks()
         except SettingsError as exc:
             raise CommandError(f"--config {exc}") from None
         copy = MemorySink(REPORT_COPY)
-        return _DemoOutput(f"the sinks of {settings.source}", [*sinks, copy], copy=copy)
-    from lunamon.sinks.file import LineProtocolFileSink
-
+        return _DemoOutput(
+            f"the sinks of {settings.source}",
+            [*sinks, copy],
+            copy=copy,
+            faces_sinks=[MemorySink("faces-memory")],
+        )
     path = out if out is not None else Path(DEFAULT_OUT)
-    return _DemoOutput(str(path), [LineProtocolFileSink(path)], file=path)
+    faces_file = path.with_name(f"{path.stem}-faces{path.suffix}")
+    faces_sinks: list[Sink] = [LineProtocolFileSink(faces_file, name="faces-file")]
+    return _DemoOutput(
+        str(path),
+        [LineProtocolFileSink(path)],
+        file=path,
+        faces_sinks=faces_sinks,
+        faces_file=faces_file,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -348,8 +439,11 @@ def _demo(args: argparse.Namespace) -> int:
     requests = args.requests
     if requests is None and args.duration is None:
         requests = DEFAULT_REQUESTS
-    influx = _influx_target(args.influx) if args.influx else None
-    clickhouse = _clickhouse_target(args.clickhouse) if args.clickhouse else None
+    secret = args.password_file
+    influx = _influx_target(args.influx, password_file=secret) if args.influx else None
+    clickhouse = (
+        _clickhouse_target(args.clickhouse, password_file=secret) if args.clickhouse else None
+    )
     settings = _load_settings(args.config) if args.config else None
     elsewhere = influx is not None or clickhouse is not None or settings is not None
     out = Path(args.out or DEFAULT_OUT) if not elsewhere else None
@@ -359,6 +453,11 @@ def _demo(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CommandError(f"--out {out}: {exc.strerror or exc}") from None
     output = _demo_output(out, influx, settings, clickhouse)
+    if output.faces_file is not None:
+        try:
+            output.faces_file.write_bytes(b"")  # a fresh file each run, as --out's
+        except OSError as exc:
+            raise CommandError(f"{output.faces_file}: {exc.strerror or exc}") from None
     console = _console()
 
     bar = _Bar(requests, "requests", not args.no_progress)
@@ -394,6 +493,7 @@ def _demo(args: argparse.Namespace) -> int:
                 on_start=on_start,
                 on_request=lambda: bar.advance(1),
                 metrics=args.metrics,
+                faces_sinks=output.faces_sinks,
             )
         )
     points, source = output.read_back(result.started_ns)
@@ -420,9 +520,18 @@ def _demo(args: argparse.Namespace) -> int:
         for line in result.metrics.splitlines():
             if line.startswith("request_count_total{"):
                 _say(console, f"  {line}")
+    if result.faces_stats is not None:
+        for name, s in result.faces_stats.items():
+            _say(
+                console,
+                f"  luna-faces (called by the handlers) -> {name}: {s['written']:,} of"
+                f" {s['emitted']:,} points written",
+            )
     if args.html:
         _write_html(report, args.html, console)
     _check_delivered(result.stats, output.destination)
+    if result.faces_stats is not None:
+        _check_delivered(result.faces_stats, "luna-faces' points")
     if settings is None:  # a file, InfluxDB or ClickHouse: what is there is what the stats say
         (written,) = (s["written"] for name, s in result.stats.items() if name != "metrics")
         if len(points) != written:
@@ -434,10 +543,35 @@ def _demo(args: argparse.Namespace) -> int:
     if out is not None:
         _say(
             console,
-            f"\nnext: lunamon report {out} --html lunamon-report.html"
+            f"\nnext: lunamon report {out} --slowest 3 --html lunamon-report.html"
             f"\n      lunamon send {out} --influx http://127.0.0.1:8086/luna_monitoring",
         )
+    slowest = _slowest_calling_faces(points)
+    sources = output.trace_sources()
+    if slowest is not None and sources is not None:
+        _say(
+            console,
+            "\nthe slowest request that called luna-faces, across both services:"
+            f"\n      lunamon trace {shlex.quote(slowest)} {sources}",
+        )
     return 0
+
+
+def _slowest_calling_faces(points: Sequence[Point]) -> str | None:
+    """The id of the slowest request point with a ``faces_time`` step (a call to luna-faces)."""
+    from lunamon.demo.faces import FACES_STEP
+
+    step = f"{FACES_STEP}_time"
+    best: tuple[float, str] | None = None
+    for point in points:
+        if point.series != "request" or step not in point.fields:
+            continue
+        seconds, request_id = point.fields.get("execution_time"), point.fields.get("request_id")
+        if not isinstance(seconds, float) or not isinstance(request_id, str):
+            continue
+        if best is None or seconds > best[0]:
+            best = (seconds, request_id)
+    return best[1] if best is not None else None
 
 
 # --------------------------------------------------------------------------- report
@@ -458,29 +592,38 @@ def _report(args: argparse.Namespace) -> int:
         if args.file is not None:
             with _Bar(_file_size(args.file), "reading", not args.no_progress, unit="bytes") as bar:
                 bar.start()
-                report = report_file(args.file, service=args.service, on_read=bar.advance)
+                report = report_file(
+                    args.file, service=args.service, on_read=bar.advance, slowest=args.slowest
+                )
         elif args.clickhouse is not None:
             from lunamon.cli.clickhouse import query_points as clickhouse_points
             from lunamon.cli.clickhouse import since_ns
 
-            clickhouse = _clickhouse_target(args.clickhouse, args.database)
+            clickhouse = _clickhouse_target(args.clickhouse, args.database, args.password_file)
             try:
                 cutoff = since_ns(args.since or "1h")
             except ValueError as exc:
                 raise CommandError(f"--since: {exc}") from None
             read = clickhouse_points(clickhouse, ("request", "error"), since=cutoff)
             source = f"ClickHouse {clickhouse}, last {args.since or '1h'}"
-            report = build_report(_run(read), source=source, service=args.service)
+            report = build_report(
+                _run(read), source=source, service=args.service, slowest=args.slowest
+            )
         else:
             from lunamon.cli.influxql import parse_duration, query_points
 
-            target = _influx_target(args.influx, args.database)
+            target = _influx_target(args.influx, args.database, args.password_file)
             try:
                 since = parse_duration(args.since or "1h")
             except ValueError as exc:
                 raise CommandError(f"--since: {exc}") from None
             points = _run(query_points(target, ("request", "error"), f"time > now() - {since}"))
-            report = build_report(points, source=f"{target}, last {since}", service=args.service)
+            report = build_report(
+                points,
+                source=f"{target}, last {since}",
+                service=args.service,
+                slowest=args.slowest,
+            )
     except ReportInputError as exc:
         raise CommandError(str(exc)) from None
     console = _console()
@@ -490,6 +633,55 @@ def _report(args: argparse.Namespace) -> int:
         print_report(report, console)
     if args.html:
         _write_html(report, args.html, _console(stderr=args.json))
+    return 0
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from lunamon.cli.report import ReportInputError
+    from lunamon.cli.trace import (
+        TraceBuilder,
+        format_trace,
+        query_clickhouse,
+        query_influx,
+        write_trace_html,
+    )
+
+    if not (args.sources or args.influx or args.clickhouse):
+        raise CommandError(
+            "give at least one SOURCE: a line-protocol FILE, --influx or --clickhouse"
+        )
+    request_id = args.request_id
+    if not request_id:
+        raise CommandError("REQUEST_ID is empty")
+    # Every URL is checked before any source is read.
+    influx = [_influx_target(url, args.database, args.password_file) for url in args.influx]
+    houses = [_clickhouse_target(url, args.database, args.password_file) for url in args.clickhouse]
+    builder = TraceBuilder(request_id)
+    for path in args.sources:
+        try:
+            builder.add_file(path)
+        except ReportInputError as exc:
+            raise CommandError(str(exc)) from None
+    for target in influx:
+        builder.add_points(_run(query_influx(target, request_id)), f"InfluxDB {target}")
+    for house in houses:
+        builder.add_points(_run(query_clickhouse(house, request_id)), f"ClickHouse {house}")
+    trace = builder.build()
+    if trace is None:
+        searched = ", ".join(builder.sources)
+        raise CommandError(
+            f"no request or error point with request_id {request_id!r} in {searched}", code=1
+        )
+    print(format_trace(trace))
+    if args.html:
+        try:
+            written = write_trace_html(trace, args.html)
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.html}: {exc.strerror or exc}") from None
+        print(f"HTML trace: {written}")
     return 0
 
 
@@ -509,14 +701,14 @@ def _send(args: argparse.Namespace) -> int:
     if args.clickhouse is not None:
         from lunamon.cli import clickhouse
 
-        house = _clickhouse_target(args.clickhouse, args.database)
+        house = _clickhouse_target(args.clickhouse, args.database, args.password_file)
         kind, shown = "ClickHouse", str(house)
         reach: Callable[[], Coroutine[Any, Any, None]] = lambda: clickhouse.ping(house)  # noqa: E731
         sinks = [house.sink() for _ in range(args.connections)]
     else:
         from lunamon.cli.influxql import ping
 
-        influx = _influx_target(args.influx, args.database)
+        influx = _influx_target(args.influx, args.database, args.password_file)
         kind, shown = "InfluxDB", str(influx)
         reach = lambda: ping(influx)  # noqa: E731
         sinks = [influx.sink() for _ in range(args.connections)]
@@ -660,6 +852,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--config", metavar="FILE", help="write to the sinks of a lunamon settings file"
     )
+    _password_option(demo)
     demo.add_argument("--html", metavar="FILE", help="also write the HTML report with charts")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -679,10 +872,47 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--since", metavar="DURATION", help="InfluxDB / ClickHouse time range: 15m, 1h, 7d"
     )
+    _password_option(report)
     report.add_argument("--service", help="only points of this service tag")
     report.add_argument("--html", metavar="FILE", help="write a self-contained page with charts")
+    report.add_argument(
+        "--slowest",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="name the ids of the N slowest requests of each route (for lunamon trace)",
+    )
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    trace = commands.add_parser(
+        "trace",
+        help="one request across services as a waterfall, from files, InfluxDB or ClickHouse",
+        description="Gather every request and error point of REQUEST_ID from the sources (one"
+        " line-protocol file per service, say, and stores) and print them as a waterfall: each"
+        " service's point with its start offset and execution time, nested by time (a point"
+        " that starts inside another's interval is its child), its steps and its error.",
+    )
+    trace.set_defaults(func=_trace)
+    trace.add_argument("request_id", metavar="REQUEST_ID", help="the request id (Luna-Request-Id)")
+    trace.add_argument("sources", nargs="*", metavar="SOURCE", help="line-protocol files")
+    trace.add_argument(
+        "--influx",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="an InfluxDB 1.x to search: http://host:8086/database (repeatable)",
+    )
+    trace.add_argument(
+        "--clickhouse",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="a ClickHouse to search: http://host:8123[/database] (repeatable)",
+    )
+    trace.add_argument("--database", metavar="DB", help="the database of URLs without one")
+    _password_option(trace)
+    trace.add_argument("--html", metavar="FILE", help="also write the waterfall as a page")
 
     send = commands.add_parser(
         "send",
@@ -715,8 +945,18 @@ def _parser() -> argparse.ArgumentParser:
         default=2,
         help="batches written at the same time, each on its own connection (default 2)",
     )
+    _password_option(send)
     send.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _password_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="the store's password, first line of FILE (else INFLUX_USERNAME/INFLUX_PASSWORD"
+        " or CLICKHOUSE_USER/CLICKHOUSE_PASSWORD; credentials in a URL show in `ps`)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,11 +7,13 @@ sums them up per route as they come, without keeping them: counts, per-step
 sums, and each request's ``execution_time`` in an ``array('d')`` (8 bytes a
 request), so that the percentiles stay exact. They interpolate linearly between
 the two closest ranks (numpy's default, ``statistics.quantiles(...,
-method="inclusive")``).
+method="inclusive")``). With ``slowest=N`` it also keeps, per route, the ids of
+its N slowest requests (a heap of N), for ``lunamon trace``.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import struct
@@ -99,6 +101,8 @@ class RouteSummary:
     maximum: float
     mean: float
     steps: tuple[StepSummary, ...]
+    # (request_id, execution_time) of the slowest requests, slowest first (``slowest=N``).
+    slowest: tuple[tuple[str, float], ...] = ()
 
     @property
     def error_rate(self) -> float:
@@ -194,6 +198,13 @@ class Report:
         del data["timeline"]
         for route, summary in zip(data["routes"], self.routes, strict=True):
             route["error_rate"] = summary.error_rate
+            if summary.slowest:
+                route["slowest"] = [
+                    {"request_id": request_id, "execution_time": seconds}
+                    for request_id, seconds in summary.slowest
+                ]
+            else:
+                del route["slowest"]
         data["error_rate"] = self.error_rate
         return data
 
@@ -267,10 +278,11 @@ def report_file(
     *,
     service: str | None = None,
     on_read: Callable[[int], None] | None = None,
+    slowest: int = 0,
 ) -> Report:
     """The report of a line-protocol file, summed up while it is read (``on_read`` gets the
     size of each block read); :class:`ReportInputError` for anything unusable."""
-    builder = ReportBuilder(source=str(path), service=service)
+    builder = ReportBuilder(source=str(path), service=service, slowest=slowest)
     builder.add_records(file_records(path, on_read=on_read))
     return builder.build()
 
@@ -327,14 +339,16 @@ def _seconds(source: str, point: Point, key: str, value: FieldValue) -> float:
 # --------------------------------------------------------------------------- summary
 
 
-def build_report(points: Iterable[Point], *, source: str, service: str | None = None) -> Report:
+def build_report(
+    points: Iterable[Point], *, source: str, service: str | None = None, slowest: int = 0
+) -> Report:
     """Summarise ``request`` and ``error`` points (other series are ignored).
 
     Raises :class:`ReportInputError` for a point that breaks the data rules
     (missing ``route``/``status_code``/``execution_time``, a ``*_time`` field
     that is not a float, ...) and when there is no ``request`` point at all.
     """
-    builder = ReportBuilder(source=source, service=service)
+    builder = ReportBuilder(source=source, service=service, slowest=slowest)
     for point in points:
         builder.add(point)
     return builder.build()
@@ -413,10 +427,20 @@ def _negative_zero(run: Sequence[float]) -> bool:
 class _Route:
     """What the report keeps of one route: compact, whatever the number of requests."""
 
-    __slots__ = ("_ranked", "durations", "errors", "step_counts", "step_totals", "steps")
+    __slots__ = (
+        "_ranked",
+        "durations",
+        "errors",
+        "slowest",
+        "step_counts",
+        "step_totals",
+        "steps",
+    )
 
     def __init__(self) -> None:
         self.durations = array("d")  # execution_time of each request: exact percentiles
+        # A min-heap of (execution_time, request_id): the slowest N seen (``slowest=N``).
+        self.slowest: list[tuple[float, str]] = []
         self._ranked: _Ranked | None = None
         self.errors = 0
         self.steps: dict[str, int] = {}  # step field -> its slot, in order of appearance
@@ -445,6 +469,7 @@ _SKIP: Final = ()  # left out: another series, another service
 _REQUEST: Final = 1
 _ERROR: Final = 2
 _SLOW: Final = 3  # through add(), which tells what is wrong with the line
+_SLOWEST: Final = 4  # as _REQUEST, keeping the ids of the slowest requests (``slowest=N``)
 
 
 class ReportBuilder:
@@ -458,9 +483,10 @@ class ReportBuilder:
     :meth:`add`, so the numbers are the same.
     """
 
-    def __init__(self, *, source: str, service: str | None = None) -> None:
+    def __init__(self, *, source: str, service: str | None = None, slowest: int = 0) -> None:
         self.source = source
         self.service = service
+        self.slowest = max(0, slowest)  # per route, the ids of this many slowest requests
         self._routes: dict[str, _Route] = {}
         self._groups: dict[tuple[int, int], Counter[str]] = {}
         # Times not yet counted in the timeline (it counts them a block at a time).
@@ -510,7 +536,11 @@ class ReportBuilder:
         totals, counts = state.step_totals, state.step_counts
         for key, value in point.fields.items():
             if key == "execution_time":
-                state.durations.append(_seconds(source, point, key, value))
+                seconds = _seconds(source, point, key, value)
+                state.durations.append(seconds)
+                request_id = point.fields.get("request_id")
+                if self.slowest and isinstance(request_id, str):
+                    _keep_slowest(state.slowest, self.slowest, seconds, request_id)
             elif key.endswith("_time"):
                 seconds = _seconds(source, point, key, value)
                 index = state.slot(key)
@@ -578,6 +608,17 @@ class ReportBuilder:
                 state.errors += 1
                 counter[route] += 1
                 error_times(time_ns)
+            elif kind == _SLOWEST:  # _REQUEST, and the request id kept when among the slowest
+                _, durations, at, steps, totals, counts, times_of, heap, id_at = plan
+                if min(times_of(floats)) < 0:
+                    add(to_point(line))
+                    continue
+                durations(floats[at])
+                _keep_slowest(heap, self.slowest, floats[at], line[2][id_at])
+                for index, slot in steps:
+                    totals[slot] += floats[index]
+                    counts[slot] += 1
+                request_times(time_ns)
             else:
                 add(to_point(line))
         return count
@@ -621,7 +662,7 @@ class ReportBuilder:
         state = self._route(route)
         steps = tuple((floats[key], state.slot(key)) for key in timed if key != "execution_time")
         at = floats["execution_time"]
-        return (
+        plan = (
             _REQUEST,
             state.durations.append,
             at,
@@ -630,6 +671,10 @@ class ReportBuilder:
             state.step_counts,
             _floats_getter([floats[key] for key in timed]),
         )
+        if self.slowest and "request_id" in shape.keys and "request_id" not in floats:
+            # The id's regex group: the text of the string field.
+            return (_SLOWEST, *plan[1:], state.slowest, shape.keys.index("request_id"))
+        return plan
 
     def build(self) -> Report:
         """The report; :class:`ReportInputError` when there was no ``request`` point."""
@@ -668,6 +713,10 @@ class ReportBuilder:
                     maximum=values[-1],
                     mean=executed / len(values),
                     steps=tuple(sorted(steps, key=lambda s: -s.total)),
+                    slowest=tuple(
+                        (request_id, seconds)
+                        for seconds, request_id in sorted(state.slowest, reverse=True)
+                    ),
                 )
             )
         error_groups = tuple(
@@ -690,6 +739,16 @@ class ReportBuilder:
             error_groups=error_groups,
             timeline=self._timeline,
         )
+
+
+def _keep_slowest(
+    heap: list[tuple[float, str]], limit: int, seconds: float, request_id: str
+) -> None:
+    """Keep ``(seconds, request_id)`` in ``heap`` if it is among the ``limit`` slowest."""
+    if len(heap) < limit:
+        heapq.heappush(heap, (seconds, request_id))
+    elif seconds >= heap[0][0] and (seconds, request_id) > heap[0]:  # ties: by id, any order
+        heapq.heapreplace(heap, (seconds, request_id))
 
 
 def _floats_getter(indexes: list[int]) -> Callable[[list[float]], Sequence[float]]:
@@ -753,6 +812,23 @@ def print_report(report: Report, console: Console) -> None:
             _ms(r.maximum),
         )
     console.print(routes)
+    if any(r.slowest for r in report.routes):
+        slowest = Table(
+            title="Slowest requests by route (lunamon trace REQUEST_ID ... shows one whole)",
+            box=box.SIMPLE_HEAD,
+        )
+        slowest.add_column("route", no_wrap=True)
+        slowest.add_column("ms", justify="right", no_wrap=True)
+        slowest.add_column("request_id", no_wrap=True)
+        for r in report.routes:
+            for index, (request_id, seconds) in enumerate(r.slowest):
+                slowest.add_row(
+                    escape(r.route) if index == 0 else "",
+                    _ms(seconds),
+                    escape(request_id),
+                    end_section=index == len(r.slowest) - 1,
+                )
+        console.print(slowest)
 
     steps = Table(
         title="Sub-steps: share of the route's time",

@@ -1,7 +1,9 @@
 """``lunamon demo``'s run: the demo service on a free loopback port, driven by generated traffic.
 
-The service, the client and the monitoring share one event loop in this
-process; when the traffic is over the monitoring is drained and closed (the
+With ``faces_sinks`` a second, faces-like service runs beside it on another port
+(:mod:`lunamon.demo.faces`), monitored into those sinks, and the handlers-like
+service stores its faces there. The services, the client and the monitoring share
+one event loop in this process; when the traffic is over the monitoring is drained and closed (the
 app's cleanup). Which sinks the points go to, and reading them back for the
 report, are the command line's business (:mod:`lunamon.cli`).
 """
@@ -18,7 +20,8 @@ import aiohttp
 from aiohttp import web
 
 from lunamon.aiohttp import MONITORING_KEY
-from lunamon.demo.service import create_app
+from lunamon.demo.faces import create_faces_app
+from lunamon.demo.service import create_app, use_faces_service
 from lunamon.demo.traffic import TrafficResult, drive
 from lunamon.flusher import SinkStats
 from lunamon.monitoring import Monitoring
@@ -40,6 +43,7 @@ class DemoResult:
     traffic: TrafficResult
     stats: dict[str, SinkStats]
     metrics: str = ""  # the service's /metrics after the traffic (with metrics=True)
+    faces_stats: dict[str, SinkStats] | None = None  # the faces-like service's, when it ran
 
 
 async def run_demo(
@@ -54,20 +58,46 @@ async def run_demo(
     on_start: Callable[[str], None] | None = None,
     on_request: Callable[[], None] | None = None,
     metrics: bool = False,
+    faces_sinks: Iterable[Sink] | None = None,
 ) -> DemoResult:
     """Run the demo service monitored into ``sinks`` (with the other options of
     ``settings``, when given) under generated traffic; return what the client saw and
     the monitoring stats, once every point is written or dropped.
 
     ``on_start`` gets the service's URL when it listens; ``on_request`` is called
-    after each request.
+    after each request. With ``faces_sinks``, the faces-like service runs too (its
+    stats are ``faces_stats``).
     """
-    app = create_app(
-        sinks=sinks,
-        latency=latency,
-        settings=settings,
-        metrics={"enabled": True} if metrics else None,
-    )
+    faces_runner: web.AppRunner | None = None
+    faces_app: web.Application | None = None
+    faces_url: str | None = None
+    if faces_sinks is not None:
+        faces_app = create_faces_app(sinks=faces_sinks, latency=latency)
+        _flush_on_cleanup(faces_app)
+        faces_runner, faces_url = await _start(faces_app)
+    try:
+        result = await _run_handlers(
+            sinks,
+            faces_url,
+            requests=requests,
+            concurrency=concurrency,
+            duration=duration,
+            latency=latency,
+            settings=settings,
+            seed=seed,
+            on_start=on_start,
+            on_request=on_request,
+            metrics=metrics,
+        )
+    finally:
+        if faces_runner is not None:
+            await faces_runner.cleanup()  # after the handlers: no call is still in flight
+    if faces_app is not None:
+        result.faces_stats = faces_app[MONITORING_KEY].stats()
+    return result
+
+
+def _flush_on_cleanup(app: web.Application) -> None:
     monitoring = app[MONITORING_KEY]
 
     async def flush_then_close(_app: web.Application) -> AsyncIterator[None]:
@@ -77,6 +107,9 @@ async def run_demo(
         await monitoring.flush()
 
     app.cleanup_ctx.append(flush_then_close)
+
+
+async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
     # handler_cancellation: a client that goes away cancels its handler (recorded as 499).
     runner = web.AppRunner(
         app,
@@ -86,12 +119,43 @@ async def run_demo(
         shutdown_timeout=5.0,
     )
     await runner.setup()
-    started_ns = time.time_ns()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        host, port = runner.addresses[0][:2]
-        url = f"http://{host}:{port}"
+    except BaseException:
+        await runner.cleanup()
+        raise
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+async def _run_handlers(
+    sinks: Iterable[Sink],
+    faces_url: str | None,
+    *,
+    requests: int | None,
+    concurrency: int,
+    duration: float | None,
+    latency: float,
+    settings: MonitoringSettings | None,
+    seed: int | None,
+    on_start: Callable[[str], None] | None,
+    on_request: Callable[[], None] | None,
+    metrics: bool,
+) -> DemoResult:
+    app = create_app(
+        sinks=sinks,
+        latency=latency,
+        settings=settings,
+        metrics={"enabled": True} if metrics else None,
+    )
+    if faces_url is not None:
+        use_faces_service(app, faces_url)
+    monitoring = app[MONITORING_KEY]
+    _flush_on_cleanup(app)
+    started_ns = time.time_ns()
+    runner, url = await _start(app)
+    try:
         if on_start is not None:
             on_start(url)
         traffic = await drive(

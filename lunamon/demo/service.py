@@ -14,22 +14,27 @@ exercise every outcome:
   ``handler_cancellation=True``, as ``lunamon demo``'s has)
 
 ``lunamon demo`` runs it on a free loopback port and drives it with the mix of
-:mod:`lunamon.demo.traffic`.
+:mod:`lunamon.demo.traffic`. Given the URL of the faces-like service
+(:mod:`lunamon.demo.faces`), its face storage policy creates the face there, through a
+session with :func:`lunamon.client_trace_config`: the request id goes along, and the
+call's time is the ``faces_time`` step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 import lunamon
+from lunamon.demo.faces import FACES_STEP
 from lunamon.sinks.base import Sink
 
-__all__ = ["SERVICE", "SUBSTEPS", "LunaError", "create_app"]
+__all__ = ["SERVICE", "SUBSTEPS", "LunaError", "create_app", "use_faces_service"]
 
 # The service tag of every point of the demo.
 SERVICE = "luna-handlers"
@@ -63,6 +68,9 @@ SUBSTEPS: dict[str, tuple[str, ...]] = {
 }
 
 LATENCY_KEY = web.AppKey("demo_latency", float)
+# The faces-like service: its URL, and the session that calls it (while the app runs).
+FACES_URL_KEY = web.AppKey("demo_faces_url", str)
+FACES_SESSION_KEY = web.AppKey("demo_faces_session", aiohttp.ClientSession)
 
 
 class LunaError(Exception):
@@ -142,7 +150,13 @@ async def face_attribute_storage_policy(app: web.Application) -> None:
 
 @lunamon.timed("face_storage_policy_time")
 async def face_storage_policy(app: web.Application) -> None:
-    await _work(app)
+    session = app.get(FACES_SESSION_KEY)
+    if session is None:
+        await _work(app)
+        return
+    # A call to the faces-like service: timed into faces_time, the request id sent along.
+    async with session.post(app[FACES_URL_KEY] + "/faces", json={"source": "demo"}) as answer:
+        await answer.read()
 
 
 @lunamon.timed("event_storage_policy_time")
@@ -267,3 +281,17 @@ def create_app(
     setup_options.setdefault("exclude", ["GET:/healthcheck"])
     lunamon.setup(app, service=SERVICE, sinks=sinks, **setup_options)
     return app
+
+
+def use_faces_service(app: web.Application, url: str) -> None:
+    """Store the faces of ``app`` (before it starts) in the faces-like service at ``url``."""
+    app[FACES_URL_KEY] = url
+    app.cleanup_ctx.append(_faces_session)
+
+
+async def _faces_session(app: web.Application) -> AsyncIterator[None]:
+    """The session calling the faces-like service, for as long as the app runs."""
+    config = lunamon.client_trace_config(step=FACES_STEP)
+    async with aiohttp.ClientSession(trace_configs=[config]) as session:
+        app[FACES_SESSION_KEY] = session
+        yield
