@@ -88,12 +88,18 @@ clean:
 # module and every mutant not killed; `cd .mutmut && ../.venv/bin/mutmut show <name>`
 # shows one, `... mutmut run <name>` tests it again (docs/mutation.md).
 MUTATE_MODULES ?= lunamon/point.py lunamon/flusher.py lunamon/_backlog.py lunamon/_recorder.py lunamon/aiohttp.py \
-	lunamon/sinks/_http.py lunamon/settings.py
+	lunamon/sinks/_http.py lunamon/settings.py lunamon/metrics.py lunamon/sinks/clickhouse.py \
+	lunamon/_ids.py lunamon/collector.py lunamon/timing.py lunamon/spool.py lunamon/client.py \
+	lunamon/logs.py lunamon/sinks/influxdb.py lunamon/sinks/influxdb_v2.py lunamon/sinks/file.py \
+	lunamon/sinks/plugin.py lunamon/sinks/registry.py
 MUTATE_TESTS ?= tests/test_point.py tests/test_flusher.py tests/test_aiohttp.py \
 	tests/test_response_paths.py tests/test_collector.py tests/test_timing.py \
 	tests/test_server_timing.py tests/test_metrics.py tests/test_sink_http.py \
 	tests/test_tls_no_fallback.py tests/test_settings.py tests/test_settings_sources.py \
-	tests/test_registry.py tests/test_recorder_run.py tests/test_gc_freeze.py tests/test_backlog.py
+	tests/test_registry.py tests/test_recorder_run.py tests/test_gc_freeze.py tests/test_backlog.py \
+	tests/test_sink_clickhouse.py tests/test_sink_stream.py tests/test_point_times.py \
+	tests/test_spool.py tests/test_client.py tests/test_logs.py tests/test_sink_influxdb.py \
+	tests/test_sink_influxdb_v2.py tests/test_sink_file.py tests/test_sink_plugin.py
 # Tests of those modules that start a real server (not marked slow).
 MUTATE_DESELECT ?= tests/test_metrics.py::test_a_real_prometheus_scrapes_counts_quantiles_and_exemplars
 MUTMUT_DIR := .mutmut
