@@ -120,7 +120,9 @@ def test_write() -> None:
 
 def test_clickhouse() -> None:
     rows = table(run_script("bench_clickhouse"))
-    assert figure(row(rows, "raw aiohttp POST")) > 0
+    assert figure(row(rows, "raw aiohttp POST of pre-encoded")) > 0
+    assert figure(row(rows, "raw aiohttp POST of the same bodies pre-compressed")) > 0
+    assert row(rows, "**lunamon** `ClickHouseSink()`")[-1] == "to `raw_gzip`"
     assert figure(row(rows, "**lunamon** `ClickHouseSink()`")) > 0
     assert figure(row(rows, "lunamon `ClickHouseSink(gzip=False)` without orjson")) > 0
 
