@@ -335,6 +335,9 @@ class SharedFolder:
             if self.closed:
                 return  # close() writes the final state
             await self.save(force=False)
+            # The others' files, read every time too: a worker that was never scraped
+            # still knows them when the folder is cleared (and writes back the dead's).
+            await self.refresh()
 
     async def save(self, *, force: bool) -> bool:
         """Write the store's state (unless ``force`` is false and the file is there: then
@@ -373,10 +376,18 @@ class SharedFolder:
             await task
         await self.save(force=True)
 
-    def read_others(self) -> dict[str, dict[str, Any]]:
-        """The other processes' files (blocking reads: call it in a thread)."""
+    def read_others(self, seen: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The other processes' files (blocking reads: call it in a thread).
+
+        A file this process read before and that is gone now (the folder was cleared) is
+        written back as last read, unless its owner wrote it again meanwhile: a worker
+        that died cannot rewrite its own, and a worker started since must count it too.
+        """
         own = self._name
         found: dict[str, dict[str, Any]] = {}
+        listed = {path.name for path in self.folder.glob(f"{_FILE_PREFIX}*.json")}
+        for name in sorted(seen.keys() - listed):
+            _restore(self.folder / name, seen[name])
         for path in sorted(self.folder.glob(f"{_FILE_PREFIX}*.json")):  # none if it is gone
             if path.name == own:
                 continue
@@ -402,12 +413,26 @@ class SharedFolder:
         """Every process's state as written: this one's last file, the others' as read now
         or, for a file gone since, as last read."""
         await self.save(force=False)  # what was counted, and a file that never vanished
-        self.seen.update(await asyncio.to_thread(self.read_others))
+        await self.refresh()
         merged = MetricsStore(self.store.buckets, self.store.steps)
-        for snapshot in (self.published, *self.seen.values()):
-            if snapshot is not None:
-                merged.merge_snapshot(snapshot)
+        for state in (self.published, *self.seen.values()):
+            if state is not None:
+                merged.merge_snapshot(state)
         return merged
+
+    async def refresh(self) -> None:
+        """Read the other processes' files into :attr:`seen` (in a thread)."""
+        try:
+            found = await asyncio.to_thread(self.read_others, dict(self.seen))
+        except OSError as exc:  # the folder cannot be listed: as last read
+            self._log.log("warning", "metrics_folder_unreadable", key="list", error=repr(exc)[:200])
+            return
+        for name, snapshot in found.items():
+            known = self.seen.get(name)
+            # Counts only grow: an older copy (written back by a worker that read less)
+            # never replaces what this worker has seen.
+            if known is None or _total(snapshot) >= _total(known):
+                self.seen[name] = snapshot
 
 
 class MetricsSink:
@@ -483,6 +508,27 @@ def check_folder(folder: str) -> None:
 _le: Callable[[float], str] = floatToGoString
 _text: Callable[[CollectorRegistry], bytes] = generate_latest
 _openmetrics_text: Callable[[CollectorRegistry], bytes] = openmetrics.generate_latest
+
+
+def _total(snapshot: dict[str, Any]) -> int:
+    """The requests a snapshot counted: it grows with every write of its process."""
+    return sum(int(row[-1]) for row in snapshot.get("requests", ()))
+
+
+def _restore(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` only if no file is there (a newer one, its owner's, is
+    never replaced): a temporary file linked into place. Never raises."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.restore")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(data))
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    except OSError:
+        return  # the folder cannot be written: scrapes count it as last read meanwhile
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 def _write_snapshot(path: Path, data: dict[str, Any], force: bool) -> None:

@@ -550,6 +550,72 @@ async def test_workers_files_survive_the_folder_removed_mid_run(tmp_path: Path) 
         await two.close()
 
 
+async def test_a_dead_workers_file_is_written_back_for_workers_started_since(
+    tmp_path: Path,
+) -> None:
+    """A worker that died cannot rewrite its file: when the folder is cleared, a worker
+    that had read it writes it back (never over a newer one), so a worker started since
+    counts it too and every worker gives the same answer."""
+    folder = tmp_path / "m"
+    one, dead = sink_for(multiprocess_dir=str(folder)), sink_for(multiprocess_dir=str(folder))
+    await one.start()
+    await dead.start()
+    await one.write([request_point(0.3)] * 2)
+    await dead.write([request_point(0.3)] * 5)
+    await dead.close()  # its last state is in its file; it will never write again
+    fresh = None
+    try:
+        assert total(await scrape(one)) == 7
+        shutil.rmtree(folder)
+        assert total(await scrape(one)) == 7  # as last read, and written back
+        fresh = sink_for(multiprocess_dir=str(folder))
+        await fresh.start()  # started after the removal: it never read the dead one's file
+        assert total(await scrape(fresh)) == 7
+        assert len(list(folder.glob("lunamon-metrics-*.json"))) == 3
+        # An older copy written back never hides a newer file, nor lowers what was seen.
+        assert one.shared is not None
+        seen = one.shared.seen
+        stale = next(p for p in folder.glob("lunamon-metrics-*.json") if p.name in seen)
+        older = json.loads(stale.read_text())
+        older["requests"] = [[*row[:-1], 1] for row in older["requests"]]
+        stale.write_text(json.dumps(older))
+        assert total(await scrape(one)) == 7
+    finally:
+        await one.close()
+        if fresh is not None:
+            await fresh.close()
+
+
+async def test_a_worker_never_scraped_still_knows_the_others_files(tmp_path: Path) -> None:
+    """Each worker reads the others' files on its timer, so a dead one's file is written
+    back after the folder is cleared even when no scrape reached a live worker before."""
+    folder = tmp_path / "m"
+    one, dead = sink_for(multiprocess_dir=str(folder)), sink_for(multiprocess_dir=str(folder))
+    await one.start()
+    await dead.start()
+    await dead.write([request_point(0.3)] * 4)
+    await dead.close()
+    assert one.shared is not None
+    fresh = None
+    try:
+        deadline = time.monotonic() + 10
+        while not one.shared.seen:  # read on one's timer, not by a scrape
+            assert time.monotonic() < deadline, "the other worker's file was never read"
+            await asyncio.sleep(0.05)
+        shutil.rmtree(folder)
+        deadline = time.monotonic() + 10
+        while len(list(folder.glob("lunamon-metrics-*.json"))) < 2:  # one's own, the dead's
+            assert time.monotonic() < deadline, list(folder.glob("*"))
+            await asyncio.sleep(0.05)
+        fresh = sink_for(multiprocess_dir=str(folder))
+        await fresh.start()
+        assert total(await scrape(fresh)) == 4
+    finally:
+        await one.close()
+        if fresh is not None:
+            await fresh.close()
+
+
 async def test_a_vanished_file_is_written_again_on_the_timer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
