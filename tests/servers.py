@@ -9,7 +9,8 @@ Every server here is used the same way::
 
 ``start()`` / ``stop()`` / ``close()`` can also be called by hand; ``stop()`` or
 ``kill()`` (a crash), then ``start()``, brings the same server back on the same
-port and data. Readiness is always polled against a deadline, never waited for
+port and data; ``pause()`` / ``resume()`` (SIGSTOP / SIGCONT) freeze it with its
+sockets open, as a hung server. Readiness is always polled against a deadline, never waited for
 with a fixed sleep; a server that exits or does not answer in time fails with
 the end of its log.
 
@@ -289,6 +290,18 @@ class ServerProcess:
             self.proc.kill()
         self.proc.wait()
         self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing until :meth:`resume`."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause` (harmless when the server is not paused)."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)
 
     def restart(self, *, hard: bool = True) -> None:
         """Kill (``hard``) or stop the server, then start it again on the same port and data."""
@@ -844,19 +857,26 @@ _CLICKHOUSE_CONFIG: Final = """\
   <http_port>{port}</http_port>
   <tcp_port>{tcp_port}</tcp_port>
   <listen_host>127.0.0.1</listen_host>
+  <listen_host>127.0.0.2</listen_host>
   <path>{root}/data/</path>
   <tmp_path>{root}/tmp/</tmp_path>
   <users_config>users.xml</users_config>
   <default_profile>default</default_profile>
   <default_database>default</default_database>
   <mark_cache_size>5368709</mark_cache_size>
+  <remote_servers><one_shard><shard><replica>
+    <host>127.0.0.2</host><port>{tcp_port}</port>
+  </replica></shard></one_shard></remote_servers>
 </yandex>
 """
 
 _CLICKHOUSE_USERS: Final = """\
 <?xml version="1.0"?>
 <yandex>
-  <profiles><default></default><readonly><readonly>1</readonly></readonly></profiles>
+  <profiles><default>
+      <distributed_directory_monitor_sleep_time_ms>2000</distributed_directory_monitor_sleep_time_ms>
+      <poll_interval>1</poll_interval>
+    </default><readonly><readonly>1</readonly></readonly></profiles>
   <users>
     <default><password>{password}</password>
       <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
@@ -874,6 +894,14 @@ CLICKHOUSE_PASSWORD: Final = "cl1ckh0use-s3cret-pw"
 
 class ClickHouseServer(ServerProcess):
     """A private clickhouse-server (SERVERS.md's recipe): ``url``, ``query()``, ``rows()``.
+
+    Its configuration names a cluster ``one_shard`` (itself, one shard, one replica),
+    for ``Distributed`` tables. It names the server as 127.0.0.2 (where it listens too),
+    which it does not take for itself: inserts go through the network as to another
+    server and, unless synchronous, reach it up to 2 s later
+    (``distributed_directory_monitor_sleep_time_ms``): late enough to be seen.
+    ``poll_interval`` 1 s: the connections it keeps to itself for them would hold its
+    shutdown for 10 s otherwise.
 
     With ``auth`` the ``default`` user needs ``password`` (the helpers send it);
     without, its password is empty. Either way a read-only user ``reader``
