@@ -1014,7 +1014,7 @@ async def test_a_table_dropped_after_an_unsure_insert_is_created_and_written(
 
 async def test_a_check_sends_only_the_rows_missing(clickhouse: ClickHouseServer, db: str) -> None:
     """After an unsure INSERT, the next INSERT into the table sends only what is not there,
-    under the unsure INSERT's query_id; the INSERT after that is not checked."""
+    once the unsure INSERT's query_id is held; the INSERT after that is not checked."""
     first, more = many_points(10), many_points(5, start=T0 + 10_000)
     async with FaultyProxy(clickhouse.port, "reset") as proxy:
         sink = ClickHouseSink(proxy.url, db, timeout=5.0)
@@ -1032,15 +1032,18 @@ async def test_a_check_sends_only_the_rows_missing(clickhouse: ClickHouseServer,
     )
     lines = [line for line in proxy.request_lines if "query_id=" in line]
     ids = [re.search(r"query_id=([^& ]+)", line)[1] for line in lines]  # type: ignore[index]
-    assert len(lines) == 4  # INSERT, the check (SELECT), INSERT of the five, INSERT
+    # INSERT, the hold of its id, the check (SELECT), INSERT of the five, INSERT
+    assert len(lines) == 5
     assert "INSERT" not in lines[1]
-    assert ids[0] == ids[1] == ids[2] != ids[3]
+    assert "INSERT" not in lines[2]
+    assert ids[0] == ids[1] != ids[2] == ids[3] != ids[4]
 
 
 async def test_a_check_while_the_unsure_insert_still_runs_is_retried(
     clickhouse: ClickHouseServer, db: str, fake_influx: FakeInfluxServer
 ) -> None:
-    """216 (a query with that id still runs) is retryable and keeps the INSERT unsure."""
+    """216 (a query with that id still runs) when the sink tries to hold the unsure
+    INSERT's id is retryable and keeps the INSERT unsure: nothing is checked or sent."""
     running = (
         "Code: 216, e.displayText() = DB::Exception: Query with id = x is already running.,"
         " e.what() = DB::Exception\n"
@@ -1048,26 +1051,25 @@ async def test_a_check_while_the_unsure_insert_still_runs_is_retried(
     fake_influx.program(
         FakeResponse(200, "Int64\n"),  # system.columns
         FakeResponse(502, "bad gateway"),  # INSERT: unsure
-        FakeResponse(500, running),  # the check
-        FakeResponse(500, running),  # the check again
-        FakeResponse(200, ""),  # the check: nothing there
-        FakeResponse(200),  # INSERT
+        *[FakeResponse(500, running)] * 4,  # the hold and its probe, twice
     )
     sink = ClickHouseSink(fake_influx.url, db, create_tables=False)
     points = many_points(3)
     try:
-        for _ in range(3):
+        with pytest.raises(SinkError):
+            await sink.write(points)
+        for _ in range(2):
             with pytest.raises(SinkError) as caught:
                 await sink.write(points)
             assert caught.value.retryable
             assert caught.value.pending == points
-        assert "Code 216" in str(caught.value)
-        await sink.write(points)
+            assert "Code 216" in str(caught.value)
     finally:
         await sink.close()
-    ids = {r.query.get("query_id") for r in fake_influx.requests[1:]}
-    assert len(ids) == 1
-    assert None not in ids
+    inserts = [r for r in fake_influx.requests if "INSERT" in r.query.get("query", "")]
+    assert len(inserts) == 1  # never sent again while the first may still run
+    held = {r.query.get("query_id") for r in fake_influx.requests if b"sleepEachRow" in r.body}
+    assert held == {inserts[0].query["query_id"]}
 
 
 async def test_a_check_waits_for_the_unsure_insert_still_running_on_the_server(
@@ -1289,3 +1291,98 @@ async def test_points_a_dead_process_may_have_stored_are_checked_once(
     assert sorted(times_of(clickhouse, db, "request")) == sorted(
         p.time_ns for p in [*stored, *lost, *later]
     )
+
+
+class LateInsertProxy:
+    """A TCP proxy before a real ClickHouse that keeps the first INSERT's request (the
+    client gets no answer and times out) and delivers it to the server only once the
+    client's next INSERT has been answered: an INSERT that reaches the server after the
+    check and the re-send, as one queued in a paused server does."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.held: bytes | None = None
+        self._taken = False
+        self.late_answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> LateInsertProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers.append(up_writer)
+        request = [b""]  # the request line of the request being answered
+
+        async def upstream() -> None:
+            holding: bytearray | None = None
+            while data := await reader.read(65536):
+                if holding is not None:  # the rest of the kept INSERT
+                    holding += data
+                    continue
+                if data.startswith(b"POST "):
+                    request[0] = data.split(b"\r\n", 1)[0]
+                    if not self._taken and b"INSERT" in request[0]:
+                        self._taken = True
+                        holding = bytearray(data)
+                        continue
+                up_writer.write(data)
+            if holding is not None:  # the client gave up waiting for an answer
+                self.held = bytes(holding)
+            up_writer.close()
+
+        pump = asyncio.ensure_future(upstream())
+        try:
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+                if b"INSERT" in request[0] and self.held and not self.late_answer.done():
+                    self.late_answer.set_result(await self._deliver_late(self.held))
+        finally:
+            await asyncio.gather(pump, return_exceptions=True)
+            writer.close()
+
+    async def _deliver_late(self, held: bytes) -> bytes:
+        late_reader, late_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        late_writer.write(held)
+        try:
+            return await asyncio.wait_for(late_reader.read(65536), 10)
+        finally:
+            late_writer.close()
+
+
+async def test_an_unsure_insert_reaching_the_server_after_the_resend_stores_nothing(
+    clickhouse: ClickHouseServer, db: str
+) -> None:
+    """The campaign's duplicate (a paused ClickHouse): the timed-out INSERT reaches the
+    server after the check and the re-send. Its query_id is held by then (216), so it
+    stores nothing and every point is stored once."""
+    points = many_points(6)
+    async with LateInsertProxy(clickhouse.port) as proxy:
+        sink = ClickHouseSink(proxy.url, db, timeout=1.0)
+        try:
+            await sink.start()
+            with pytest.raises(SinkError) as caught:
+                await sink.write(points)  # no answer: unsure
+            assert caught.value.retryable
+            await sink.write(points)  # hold, check (nothing there), send
+            late = await asyncio.wait_for(proxy.late_answer, 15)
+        finally:
+            await sink.close()
+    assert proxy.held is not None
+    assert b"Code: 216" in late  # the late INSERT was refused: its id was held
+    assert sorted(times_of(clickhouse, db, "request")) == [p.time_ns for p in points]

@@ -76,15 +76,20 @@ leaves its table *unsure*, its query_id remembered. The next INSERT into that ta
 (the flusher's retry) first asks which of its points the table holds, with one
 ``SELECT time FROM db.table WHERE time BETWEEN <lowest> AND <highest>`` (point times
 are unique per series: lunamon's design), then sends only the others; their count
-is written at once. The check and that INSERT run under the unsure INSERT's
-query_id: while that INSERT still runs (a server resumed after a pause commits it
-then), the server refuses them with ``Code: 216``, retried, so the check does not
-run while the INSERT it checks is running (tested on 18.16). Residual window: 18.16
-registers an HTTP INSERT's query_id only once it has read its body (up to 1 MiB);
-an unsure INSERT not yet registered when the check ran (its connection still
-queued, its body still being read) and run to its end before the INSERT that
-follows the check starts (that one, same query_id, is refused while it runs) is
-stored twice.
+is written at once. Before the check, the sink *holds* the unsure INSERT's query_id:
+a query of its own under that id (``sleepEachRow``, :data:`HOLD_SECONDS`), confirmed
+in ``system.processes``, left running while the check and the re-send go by under a
+new id. ClickHouse refuses a second query with a running query's id (``Code: 216``):
+while the unsure INSERT still runs (a server resumed after a pause commits it then),
+the hold is refused and retried, so the check never runs beside it; and once the id
+is held, the unsure INSERT can no longer start. That matters because 18.16 registers
+an HTTP INSERT's query_id only once it has read its body: a request queued in a paused
+server could start after the check and the re-send (the fault campaign found it,
+``tests/test_sink_clickhouse.py`` replays it). Residual window: an unsure INSERT
+that starts more than :data:`HOLD_SECONDS` after the server answered the hold. A
+user who cannot read ``system.processes`` gets the check under the unsure id instead
+(a shorter guarantee), logged once. Behind a load balancer over several servers a
+query_id is held on one of them only.
 
 Tables whose ``time`` is coarser than nanoseconds (``DateTime``: seconds, where
 points share a second) are checked on the time and the whole ``data`` object
@@ -209,6 +214,13 @@ REFUSED_CODES: Final[Mapping[int, str]] = {
 UNKNOWN_TABLE: Final = 60
 UNKNOWN_DATABASE: Final = 81
 SAME_QUERY_ID_RUNNING: Final = 216
+# After an unsure INSERT, its query_id is held this long by a query of ours (see _hold).
+HOLD_SECONDS: Final = 5
+_HOLD_MARK: Final = "lunamon_hold"
+_HOLD_SQL: Final = (
+    f"SELECT sleepEachRow(0.5) AS {_HOLD_MARK} FROM system.numbers"
+    f" LIMIT {HOLD_SECONDS * 2} SETTINGS max_block_size = 1 FORMAT Null"
+)
 # Refused when the query is registered, before it runs: an INSERT answered so stored nothing.
 _NOT_RUN_CODES: Final = frozenset({201, 202, SAME_QUERY_ID_RUNNING})
 
@@ -312,6 +324,18 @@ def _code_of(exc: SinkError) -> int | None:
 
 class _NotSent(SinkError):
     """A request that failed before anything of it reached the server (no connection)."""
+
+
+def _forget_hold(holds: set[asyncio.Future[str]]) -> Callable[[asyncio.Future[str]], None]:
+    """A done callback: drop a finished hold, and read its outcome (a hold ends as it
+    ends: its failure matters only while it is waited on)."""
+
+    def forget(hold: asyncio.Future[str]) -> None:
+        holds.discard(hold)
+        if not hold.cancelled():
+            hold.exception()
+
+    return forget
 
 
 def _not_stored(exc: SinkError) -> bool:
@@ -734,6 +758,7 @@ class ClickHouseSink(HTTPSink):
         # (series, time) of points a dead process may have stored (a spool's replay):
         # the INSERT that carries one is checked first, as after an unsure INSERT.
         self._recheck: set[tuple[str, int]] = set()
+        self._holds: set[asyncio.Future[str]] = set()  # queries holding an unsure INSERT's id
         self._query_ids = itertools.count(1)
         self._query_id_prefix = f"lunamon-{secrets.token_hex(4)}"
 
@@ -802,6 +827,13 @@ class ClickHouseSink(HTTPSink):
             error.pending = pending
             raise error
 
+    async def close(self) -> None:
+        """Stop holding unsure INSERTs' ids (see :meth:`_hold`), then close the session."""
+        for hold in list(self._holds):
+            hold.cancel()
+        await asyncio.gather(*self._holds, return_exceptions=True)
+        await super().close()
+
     def mark_possibly_stored(self, points: Iterable[Point]) -> None:
         """Points that may be in their tables already (``spool_dir``: a dead process's,
         replayed): the INSERT that carries them leaves out those the table holds."""
@@ -848,7 +880,15 @@ class ClickHouseSink(HTTPSink):
         """
         time_column = await self._time_column(table)
         unsure = self._unsure.get(table)
-        query_id = unsure or self._new_query_id()
+        query_id = self._new_query_id()
+        if unsure is not None:
+            try:
+                held = await self._hold(unsure)
+            except SinkError as exc:
+                exc.pending = points
+                raise
+            if not held:  # the id cannot be held here: check and send under it instead
+                query_id = unsure
         rows = points
         recheck = self._recheck
         replayed = bool(recheck) and any((table, p.time_ns) in recheck for p in points)
@@ -892,11 +932,55 @@ class ClickHouseSink(HTTPSink):
                     detail="the next INSERT into the table is checked first",
                 )
 
+    async def _hold(self, query_id: str) -> bool:
+        """Hold ``query_id`` on the server for :data:`HOLD_SECONDS` (a query of ours under
+        that id, left running in the background) so that the unsure INSERT of that id can
+        no longer start: ClickHouse refuses a second query with a running query's id (216).
+        An HTTP INSERT takes its id only once its body is read, so an INSERT delayed in the
+        server (paused, still reading) could otherwise start after the check and store its
+        rows a second time. True once held; False when ``system.processes`` cannot be
+        read (the check then runs under the unsure id, as the fallback). Raises a retryable
+        :class:`SinkError` while the unsure INSERT itself runs: it is waited for."""
+        what = f"clickhouse hold of query {query_id} at {self.url}"
+        hold = asyncio.ensure_future(self._query(_HOLD_SQL, what, query_id=query_id))
+        self._holds.add(hold)
+        hold.add_done_callback(_forget_hold(self._holds))
+        probe = (
+            "SELECT query FROM system.processes WHERE query_id ="
+            f" {quote_string(query_id)} FORMAT TabSeparated"
+        )
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        while True:
+            if hold.done():
+                error = hold.exception()
+                if isinstance(error, SinkError) and _code_of(error) == SAME_QUERY_ID_RUNNING:
+                    raise SinkError(
+                        f"{what}: the unsure INSERT still runs (Code 216); waiting for it",
+                        retryable=True,
+                        status=error.status,
+                        server_text=error.server_text,
+                    )
+                raise SinkError(f"{what}: ended before it held the id", retryable=True)
+            try:
+                running = await self._query(probe, what)
+            except SinkError as exc:
+                if exc.retryable:
+                    raise
+                hold.cancel()
+                self._log.log("warning", "clickhouse_hold_unavailable", key="hold", error=str(exc))
+                return False
+            if _HOLD_MARK in running:
+                return True
+            if asyncio.get_running_loop().time() > deadline:
+                hold.cancel()
+                raise SinkError(f"{what}: not held within {self.timeout} s", retryable=True)
+            await asyncio.sleep(0.01)
+
     async def _missing(
         self, table: str, points: list[Point], time_column: _TimeColumn, query_id: str
     ) -> list[Point]:
         """The points that ``table`` does not hold, by one SELECT over their time range run
-        as ``query_id`` (the server refuses it, 216, while an INSERT of that id still runs).
+        as ``query_id``.
 
         A point is held when a row has its time (nanosecond columns: times are unique per
         series), or its time and the same ``data`` (coarser columns, where two points can
