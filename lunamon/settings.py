@@ -729,8 +729,9 @@ class _ProcessEnvironment:
 PROCESS_ENV: Final = _ProcessEnvironment()
 EnvArg = Mapping[str, str] | _ProcessEnvironment | None
 _warned_env: set[str] = set()
-# LUNAMON_* variables that are read elsewhere, not settings: never warned as unknown.
-_PROCESS_VARIABLES: Final = frozenset({"LUNAMON_PURE_PYTHON"})
+# LUNAMON_* variables read elsewhere (the encoder switch; the fault campaign's seed, in
+# the tests), not settings: never warned as unknown.
+_PROCESS_VARIABLES: Final = frozenset({"LUNAMON_PURE_PYTHON", "LUNAMON_FAULT_SEED"})
 
 
 def _environment(env: EnvArg) -> Mapping[str, str] | None:
