@@ -179,9 +179,11 @@ async def query_points(
     series: Sequence[str],
     *,
     since: int | None = None,
+    where: str | None = None,
     timeout: float = 60.0,
 ) -> list[Point]:
-    """Every row of the tables ``series`` (at or after ``since`` ns, when given) as points.
+    """Every row of the tables ``series`` (at or after ``since`` ns, when given; matching
+    the SQL condition ``where``, when given) as points, by time.
 
     A missing table holds no points; a missing database is a :class:`ClickHouseQueryError`.
     """
@@ -198,10 +200,12 @@ async def query_points(
                 if type_name is None:
                     continue
                 expression = _time_expression(type_name)
-                where = f" WHERE {expression} >= {int(since)}" if since is not None else ""
+                conditions = [f"{expression} >= {int(since)}"] if since is not None else []
+                conditions += [where] if where else []
+                filtered = f" WHERE {' AND '.join(conditions)}" if conditions else ""
                 sql = (
                     f"SELECT {expression} AS t, data FROM"
-                    f" {quote_identifier(target.database)}.{quote_identifier(name)}{where}"
+                    f" {quote_identifier(target.database)}.{quote_identifier(name)}{filtered}"
                     " ORDER BY time FORMAT JSONEachRow"
                 )
                 async for row in _rows(session, target, sql):

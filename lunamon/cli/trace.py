@@ -202,40 +202,12 @@ async def query_clickhouse(
     target: ClickHouseTarget, request_id: str, *, timeout: float = 60.0
 ) -> list[Point]:
     """The rows of ``request_id`` in the ``request`` and ``error`` tables of ClickHouse."""
-    import asyncio
+    from lunamon.cli.clickhouse import query_points
+    from lunamon.sinks.clickhouse import quote_string
 
-    import aiohttp
-
-    from lunamon.cli import clickhouse
-    from lunamon.sinks.clickhouse import quote_identifier, quote_string
-
-    points: list[Point] = []
-    try:
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            headers=target._headers(),
-            trust_env=False,
-        ) as session:
-            columns = await clickhouse._time_columns(session, target, (REQUEST, ERROR))
-            for name in (REQUEST, ERROR):
-                type_name = columns.get(name)
-                if type_name is None:
-                    continue
-                # visitParamExtractString: flat JSON, and on every server version.
-                matches = (
-                    f"visitParamExtractString(data, 'request_id') = {quote_string(request_id)}"
-                )
-                sql = (
-                    f"SELECT {clickhouse._time_expression(type_name)} AS t, data FROM"
-                    f" {quote_identifier(target.database)}.{quote_identifier(name)}"
-                    f" WHERE {matches}"
-                    " ORDER BY time FORMAT JSONEachRow"
-                )
-                async for row in clickhouse._rows(session, target, sql):
-                    points.append(clickhouse._point(name, row))
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        raise clickhouse._unreachable(target, exc) from None
-    return points
+    # visitParamExtractString: flat JSON, and on every server version.
+    matches = f"visitParamExtractString(data, 'request_id') = {quote_string(request_id)}"
+    return await query_points(target, (REQUEST, ERROR), where=matches, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- text
