@@ -316,64 +316,76 @@ def _run(argv: list[str]) -> tuple[int, int]:
     return int(pid), int(slot)
 
 
-def _in_container(argv: list[str]) -> list[str]:
-    """``argv`` as the first process of a PID namespace with a private /tmp, as in Docker."""
+def _in_container(argv: list[str], private_tmp: Path) -> list[str]:
+    """``argv`` as the first process of a PID namespace with a temporary folder of its
+    own (``TMPDIR``: where the default slot folder is), as in Docker. Not a tmpfs over
+    /tmp: the interpreter running the tests may live there."""
+    private_tmp.mkdir(parents=True, exist_ok=True)
     return [
-        "unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
-        'mount -t tmpfs tmpfs /tmp && exec "$0" "$@"', *argv,
+        "unshare", "--pid", "--fork", "--mount-proc", "env", f"TMPDIR={private_tmp}", *argv,
     ]  # fmt: skip
 
 
-needs_root_unshare = pytest.mark.skipif(
-    not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare")),
-    reason="PID namespaces need root and unshare(1)",
-)
+def _require_root_unshare() -> None:
+    """PID namespaces need root and unshare(1) (util-linux): missing, the test fails."""
+    assert hasattr(os, "geteuid"), "PID namespaces need a POSIX system"
+    assert os.geteuid() == 0, "PID namespaces need root"
+    assert shutil.which("unshare"), "unshare(1) is missing: apt-get install util-linux"
 
 
 def _replicas(
-    influxd: InfluxServer, db: str, specs: list[tuple[int, str]]
+    influxd: InfluxServer, db: str, specs: list[tuple[int, str]], tmp: Path
 ) -> list[tuple[int, int]]:
     """Run one replica per (instance, first slot tried) at once, each PID 1 of its own
     container; their (pid, slot)."""
+    _require_root_unshare()
     procs = [
         subprocess.Popen(
-            _in_container(_host_argv(influxd, db, 300, instance, start, None)),
+            _in_container(
+                _host_argv(influxd, db, 300, instance, start, None), tmp / f"{db}-{number}"
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for instance, start in specs
+        for number, (instance, start) in enumerate(specs)
     ]
     out = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == 0, stderr
-        pid, slot = stdout.split()
-        out.append((int(pid), int(slot)))
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 0, stderr
+            pid, slot = stdout.split()
+            out.append((int(pid), int(slot)))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
     return out
 
 
-@needs_root_unshare
-def test_replicas_in_containers_all_pid_1_keep_every_point(influxd: InfluxServer) -> None:
+def test_replicas_in_containers_all_pid_1_keep_every_point(
+    influxd: InfluxServer, tmp_path: Path
+) -> None:
     """RELIABILITY 39: three replicas, each service process PID 1 with a /tmp of its own,
     the same clock ns and tags: every point stored. Their slots differ by the draw."""
     db = f"t_{uuid.uuid4().hex[:12]}"
-    replicas = _replicas(influxd, db, [(-1, "17"), (-1, "4242"), (-1, "9999")])
+    replicas = _replicas(influxd, db, [(-1, "17"), (-1, "4242"), (-1, "9999")], tmp_path)
     assert replicas == [(1, 17), (1, 4242), (1, 9999)]
     assert influxd.count(db) == 900
 
 
-@needs_root_unshare
 def test_replicas_that_draw_the_same_slot_overwrite_unless_instance_is_set(
-    influxd: InfluxServer,
+    influxd: InfluxServer, tmp_path: Path
 ) -> None:
     """The edge of the bound: replicas sharing no lock folder that draw the same slot
     lose points (1 in 10,000 per pair); ``instance`` rules that out by construction."""
     db = f"t_{uuid.uuid4().hex[:12]}"
-    assert _replicas(influxd, db, [(-1, "17"), (-1, "17")]) == [(1, 17), (1, 17)]
+    assert _replicas(influxd, db, [(-1, "17"), (-1, "17")], tmp_path) == [(1, 17), (1, 17)]
     assert influxd.count(db) == 300  # one of each pair of equal times is kept
     exact = f"t_{uuid.uuid4().hex[:12]}"
-    assert _replicas(influxd, exact, [(0, "17"), (1, "17")]) == [(1, 17), (1, 117)]
+    assert _replicas(influxd, exact, [(0, "17"), (1, "17")], tmp_path) == [(1, 17), (1, 117)]
     assert influxd.count(exact) == 600
 
 
