@@ -814,23 +814,22 @@ async def test_the_file_is_written_at_start_and_kept_quietly(
     assert shared(sink)._task is None
 
 
-async def test_a_failed_write_is_logged_once_then_recovery_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    import logging
+async def test_a_failed_write_is_logged_once_then_recovery_once(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
 
-    caplog.set_level(logging.INFO, logger="lunamon")
     folder = tmp_path / "m"
     sink = sink_for(multiprocess_dir=str(folder))
     await sink.start()
-    shutil.rmtree(folder)
-    folder.write_text("")
-    for _ in range(3):
-        assert not await shared(sink).save(force=True)
-    assert caplog.text.count("metrics_file_write_failed") == 1  # rate-limited
-    folder.unlink()
-    assert await shared(sink).save(force=True)
-    assert caplog.text.count("metrics_file_written_again") == 1
+    with capture_logs() as logs:
+        shutil.rmtree(folder)
+        folder.write_text("")
+        for _ in range(3):
+            assert not await shared(sink).save(force=True)
+        folder.unlink()
+        assert await shared(sink).save(force=True)
+    events = [e["event"] for e in logs]
+    assert events.count("metrics_file_write_failed") == 1  # rate-limited
+    assert events.count("metrics_file_written_again") == 1
     await sink.close()
 
 
@@ -886,18 +885,18 @@ async def test_other_methods_and_paths_are_no_clash(aiohttp_client: ClientFactor
 
 
 async def test_a_metrics_port_in_use_is_shared_by_workers_with_a_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Several workers, one port: the first binds and answers for all; another takes over
     when it stops. Without the shared folder, a port in use is refused."""
-    import logging
-
     import aiohttp
     from servers import free_port
+    from structlog.testing import capture_logs
 
     from lunamon.metrics import MetricsPort
 
-    caplog.set_level(logging.INFO, logger="lunamon")
+    capturing = capture_logs()  # lunamon's events, whatever configured logging before
+    logs = capturing.__enter__()
     monkeypatch.setattr(sys.modules[MetricsSink.__module__], "_PORT_RETRY", 0.05)
     port = free_port()
     settings = {"multiprocess_dir": str(tmp_path / "m"), "port": port, "host": "127.0.0.1"}
@@ -925,8 +924,9 @@ async def test_a_metrics_port_in_use_is_shared_by_workers_with_a_folder(
             assert time.monotonic() < deadline, "the other worker did not take the port over"
             await asyncio.sleep(0.02)
         await asyncio.wait_for(asyncio.shield(ports[1]._task), 10)  # type: ignore[arg-type]
-        assert caplog.text.count("metrics_port_in_use") == 1
-        assert caplog.text.count("metrics_port_taken_over") == 1
+        events = [e["event"] for e in logs]
+        assert events.count("metrics_port_in_use") == 1
+        assert events.count("metrics_port_taken_over") == 1
         assert await scraped() == 3
         alone = sink_for(port=port, host="127.0.0.1")
         refused = MetricsPort(alone)
@@ -940,6 +940,7 @@ async def test_a_metrics_port_in_use_is_shared_by_workers_with_a_folder(
             await listener.close()
         await first.close()
         await second.close()
+        capturing.__exit__(None, None, None)
 
 
 @pytest.mark.slow
