@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,6 +40,7 @@ from benchmarks._server import REQUIRES, VARIANTS
 __all__ = ["PATH", "Server", "main", "run_wrk"]
 
 TITLE: Final = "1. Service throughput with instrumentation (aiohttp hello world, wrk -t1 -c32)"
+FIRST_RELEASE: Final = "e7e0697"  # the A/B row's code: lunamon's first release
 LABELS: Final = {
     "bare": "bare aiohttp",
     "empty_middleware": "empty pass-through middleware (aiohttp's machinery alone)",
@@ -49,9 +51,23 @@ LABELS: Final = {
     "lunamon_metrics": "**lunamon** middleware with Prometheus `/metrics` on (same sink too)",
     "lunamon_spool": "**lunamon** middleware with `spool_dir` on (crash-safe delivery)",
     "lunamon_decorator": "**lunamon** `@monitor_request`, `setup(middleware=False)`",
+    "first_release": f"lunamon's first release ({FIRST_RELEASE}), the same middleware (A/B row)",
 }
-TARGETS: Final = {"lunamon_middleware": 0.85, "lunamon_decorator": 0.90}
+TARGETS: Final = {"lunamon_middleware": 0.80}
+
+
+def _pins() -> tuple[tuple[str, ...], str]:
+    """Servers on CPU 1 and wrk on CPU 0 (taskset) when there are two: a server's CPU per
+    request depends on how many requests each turn of its loop finds, which moves when
+    the two share a core. ``((), "")`` on one core or without taskset."""
+    if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+        return (), ""
+    return ("taskset", "-c", "1"), "0"
+
+
+SERVER_PIN, WRK_CPU = _pins()
 PATH: Final = "/handlers/3f0c6b1e-9d1a-4c55-8d0b-5b8a3c2e1f00/events"
+ALL_VARIANTS: Final = (*VARIANTS, "first_release")
 STARTUP_TIMEOUT: Final = 30.0
 STOP_TIMEOUT: Final = 20.0
 
@@ -69,7 +85,13 @@ class Server:
     """One variant's server process: started, probed until it answers, stopped by SIGTERM."""
 
     def __init__(
-        self, variant: str, workdir: Path, extra: Sequence[str] = (), name: str | None = None
+        self,
+        variant: str,
+        workdir: Path,
+        extra: Sequence[str] = (),
+        name: str | None = None,
+        launcher: Sequence[str] = (*SERVER_PIN, PYTHON, "-m", "benchmarks._server"),
+        cwd: Path = REPO,
     ) -> None:
         self.variant = variant
         self.port = free_port()
@@ -80,8 +102,8 @@ class Server:
         self.extra = list(extra)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "benchmarks._server", "--variant", variant, *self._args()],
-                cwd=REPO,
+                [*launcher, "--variant", variant, *self._args()],
+                cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -130,9 +152,14 @@ class Server:
         return stats
 
 
-def run_wrk(url: str, duration: int, connections: int, script: Path) -> tuple[float, int]:
-    """``wrk`` against ``url``: (requests per second, requests completed)."""
+def run_wrk(
+    url: str, duration: int, connections: int, script: Path, cpus: str = WRK_CPU
+) -> tuple[float, int]:
+    """``wrk`` against ``url`` (on ``cpus`` alone when given, with taskset): (requests per
+    second, requests completed)."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), url]
+    if cpus:
+        argv = ["taskset", "-c", cpus, *argv]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)
     out = done.stdout
     rps, total = _RPS.search(out), _TOTAL.search(out)
@@ -161,6 +188,7 @@ def measure(
     connections: int,
     cpu: dict[str, list[float]] | None = None,
     processes: int = 1,
+    make_server: Callable[[str, Path, str], Server] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]], dict[str, int]]:
     """Per variant: the req/s of every round, the server's stats, the requests it served;
     and in ``cpu``, when given, the server's CPU µs per request of every round.
@@ -168,8 +196,10 @@ def measure(
     With ``processes`` > 1 each variant runs in that many server processes, and round
     ``r`` loads process ``r % processes``: one process's luck (its hash seed, where its
     heap and code landed) moves its figures by several per cent, which no number of
-    rounds against that same process averages out.
+    rounds against that same process averages out. ``make_server(variant, workdir, name)``
+    starts a variant's process when it is not one of ``benchmarks._server``'s own.
     """
+    make = make_server or (lambda variant, workdir, name: Server(variant, workdir, name=name))
     results: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="lunamon-bench-service-") as tmp:
         workdir = Path(tmp)
@@ -179,7 +209,7 @@ def measure(
         try:
             for variant in variants:
                 servers[variant] = [
-                    Server(variant, workdir, name=f"{variant}-{i}") for i in range(processes)
+                    make(variant, workdir, f"{variant}-{i}") for i in range(processes)
                 ]
             for server in (s for group in servers.values() for s in group):
                 server.wait_ready()
@@ -201,6 +231,16 @@ def measure(
         stats = {variant: _merged(parts) for variant, parts in stopped.items()}
         served = {v: sum(server.served for server in group) for v, group in servers.items()}
     return results, stats, served
+
+
+def unpack_tree(rev: str, into: Path, paths: Sequence[str] = ("lunamon", "benchmarks")) -> Path:
+    """``paths`` of commit ``rev`` written into ``into`` (``git archive``: no worktree)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", rev, *paths], cwd=REPO, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -234,23 +274,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duration", type=int, default=3, help="seconds of wrk per round")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before round 1")
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--variants", help="comma-separated subset of: " + ",".join(VARIANTS))
+    parser.add_argument("--variants", help="comma-separated subset of: " + ",".join(ALL_VARIANTS))
     parser.add_argument(
         "--processes", type=int, default=2, help="server processes per variant, taking turns"
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup, args.processes = 1, 1, 0, 1
-    wanted = args.variants.split(",") if args.variants else list(VARIANTS)
+    wanted = args.variants.split(",") if args.variants else list(ALL_VARIANTS)
     if "bare" not in wanted:
         wanted.insert(0, "bare")
     skipped = {v: m for v in wanted for m in REQUIRES.get(v, ()) if not have(m)}
     variants = [v for v in wanted if v not in skipped]
 
     cpu: dict[str, list[float]] = {}
-    results, stats, served = measure(
-        variants, args.rounds, args.duration, args.warmup, args.connections, cpu, args.processes
-    )
+    with tempfile.TemporaryDirectory(prefix="lunamon-first-release-") as tmp:
+        first = unpack_tree(FIRST_RELEASE, Path(tmp)) if "first_release" in variants else None
+
+        def make(variant: str, workdir: Path, name: str) -> Server:
+            if variant == "first_release" and first is not None:  # its own lunamon, its server
+                return Server("lunamon_middleware", workdir, name=name, cwd=first)
+            return Server(variant, workdir, name=name)
+
+        results, stats, served = measure(
+            variants,
+            args.rounds,
+            args.duration,
+            args.warmup,
+            args.connections,
+            cpu,
+            args.processes,
+            make,
+        )
     bare = results["bare"]
     bare_cpu = Summary(cpu["bare"]).median if cpu.get("bare") else 0.0
     # wrk leaves up to `connections` requests uncounted per run (each warm-up included).
@@ -266,9 +321,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         target = TARGETS.get(variant)
         goal = f">= {target:.2f}: {verdict(ratio >= target)}" if target else ""
         if variant == "lunamon_middleware" and target and peer is not None:
-            # BENCHMARKS.md: at least the target and above prometheus_client's middleware.
-            met = ratio >= target and ratio > peer
-            goal = f">= {target:.2f} and > prometheus_client ({fmt_ratio(peer)}): {verdict(met)}"
+            # BENCHMARKS.md: at least the target and prometheus_client's middleware's ratio.
+            met = ratio >= target and ratio >= peer
+            goal = f">= {target:.2f} and >= prometheus_client ({fmt_ratio(peer)}): {verdict(met)}"
+        if variant == "lunamon_decorator" and "lunamon_middleware" in results:
+            middleware = paired_ratio(results["lunamon_middleware"], bare)
+            goal = f">= the middleware ({fmt_ratio(middleware)}): {verdict(ratio >= middleware)}"
+        if variant == "first_release" and "lunamon_middleware" in results:
+            # BENCHMARKS.md: today's middleware at least as fast as the first release's.
+            today = paired_ratio(results["lunamon_middleware"], results[variant])
+            goal = f"today's middleware / this >= 1.0 ({fmt_ratio(today)}): {verdict(today >= 1.0)}"
         if variant == "lunamon_metrics" and "lunamon_middleware" in results:
             # BENCHMARKS.md section 6: metrics on cost <= 0.02 of bare over metrics off,
             # and still above prometheus_client's middleware.

@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Final
 
 try:
@@ -67,7 +68,27 @@ def _new_id_source() -> None:
     h = f"{rng.getrandbits(80):020x}"
     variant = "89ab"[int(h[16], 16) & 3]
     _id_prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-"
-    _id_counter = itertools.count(rng.getrandbits(47))
+    start = rng.getrandbits(47)
+    _id_counter = itertools.count(start)
+    if _core is not None:
+        _core.set_id_source(_id_prefix, start)
+
+
+def _compiled_core() -> ModuleType | None:
+    """``lunamon._speedups`` when built and ``LUNAMON_PURE_PYTHON`` is not set: it gives
+    point times and request ids (the functions below are its reference)."""
+    from lunamon.point import pure_python_requested
+
+    if pure_python_requested():
+        return None
+    try:
+        from lunamon import _speedups
+    except ImportError:
+        return None
+    return _speedups
+
+
+_core = _compiled_core()
 
 
 # The slot: -1 until the first point claims one (and again in a forked child).
@@ -110,6 +131,8 @@ def _release() -> None:
     if _slot_fd >= 0:
         os.close(_slot_fd)  # in a forked child: the parent's lock stays (its own descriptor)
     _slot, _slot_fd = -1, -1
+    if _core is not None:
+        _core.set_slot(-1)
 
 
 def _claim() -> int:
@@ -132,6 +155,8 @@ def _claim() -> int:
                 consequence="another process of this host may draw the same slot",
             )
         _slot, _slot_fd = slot, fd
+        if _core is not None:
+            _core.set_slot(slot)
         return slot
 
 
@@ -198,22 +223,55 @@ class PointClock:
             configure_slots(slot_dir or "", -1 if instance is None else instance)
 
     def now_ns(self, time_ns: Callable[[], int] = time.time_ns) -> int:
-        global _last_quantum
-        quantum = time_ns() // QUANTUM_NS
-        if quantum <= _last_quantum:
-            quantum = _last_quantum + 1
-        _last_quantum = quantum
-        slot = _slot
-        if slot < 0:
-            slot = _claim()
-        return quantum * QUANTUM_NS + slot
+        return point_time(time_ns())
+
+
+def _point_time(now_ns: int) -> int:
+    """The point time for ``now_ns``: its quantum, or the next one not given yet, then
+    the slot (claimed now if this process holds none)."""
+    global _last_quantum
+    quantum = now_ns // QUANTUM_NS
+    if quantum <= _last_quantum:
+        quantum = _last_quantum + 1
+    _last_quantum = quantum
+    slot = _slot
+    if slot < 0:
+        slot = _claim()
+    return quantum * QUANTUM_NS + slot
+
+
+def _request_id(seconds: int) -> str:
+    """A new request id for a request that started at ``seconds`` (unix time)."""
+    return f"{seconds},{_id_prefix}{next(_id_counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+# The compiled ones when built (the same state, kept in the extension): the recorder
+# calls these two on every request.
+point_time: Callable[[int], int] = _point_time
+request_id: Callable[[int], str] = _request_id
+if _core is not None:
+    _core.configure_ids(lambda: _slot if _slot >= 0 else _claim())
+    point_time, request_id = _core.point_time, _core.request_id
+
+
+def _set_clock(last_quantum: int, slot: int | None = None) -> None:
+    """Set the clock's state, in Python and in the extension (tests: a clock turned back,
+    a slot forced)."""
+    global _last_quantum, _slot
+    _last_quantum = last_quantum
+    if slot is not None:
+        _slot = slot
+    if _core is not None:
+        _core.set_last_quantum(last_quantum)
+        if slot is not None:
+            _core.set_slot(slot)
 
 
 def new_request_id(seconds: int | None = None) -> str:
     """A request id in LUNA's format: ``"<unix seconds>,<uuid4>"``."""
     if seconds is None:
         seconds = int(_wall_time())
-    return f"{seconds},{_id_prefix}{next(_id_counter) & 0xFFFFFFFFFFFF:012x}"
+    return request_id(seconds)
 
 
 def plausible_request_id(value: str) -> bool:

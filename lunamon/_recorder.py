@@ -22,11 +22,14 @@ from typing import Any, Final
 from aiohttp import web
 from multidict import istr
 
-from lunamon._ids import PointClock, new_request_id, plausible_request_id
+from lunamon import _ids
+from lunamon._ids import PointClock, plausible_request_id
+from lunamon._ids import point_time as _point_time
+from lunamon._ids import request_id as _request_id
 from lunamon._log import RateLimitedLogger
 from lunamon._secrets import Secret
 from lunamon._validation import sanitize_tag_value
-from lunamon.collector import RequestCollector, current
+from lunamon.collector import NS_EXACT_BELOW, RequestCollector, current
 from lunamon.errors import SettingsError
 from lunamon.monitoring import Monitoring
 from lunamon.point import FieldValue, Point, TagSet
@@ -150,11 +153,11 @@ class RequestRecorder:
             route = self._route(method, resource)
         if route.excluded or _current_get() is not None:  # excluded, or monitored already
             return await handler(request)
-        start_ns = self._start_ns()
+        start_ns = _point_time(time.time_ns())
         header = self.request_id_header
         request_id = request.headers.get(header)
         if request_id is None or not plausible_request_id(request_id):
-            request_id = new_request_id(start_ns // 1_000_000_000)
+            request_id = _request_id(start_ns // 1_000_000_000)
         collector = RequestCollector(route.name, request_id)
         token = current.set(collector)
         collector.started = start = time.perf_counter()
@@ -300,20 +303,16 @@ class RequestRecorder:
             route = self._route(request.method, request.match_info.route.resource)
             if route.excluded:
                 return
-            start_ns = self._start_ns()
+            start_ns = _point_time(time.time_ns())
             request_id = request.headers.get(self.request_id_header)
             if request_id is None or not plausible_request_id(request_id):
-                request_id = new_request_id(start_ns // 1_000_000_000)
+                request_id = _request_id(start_ns // 1_000_000_000)
             response.headers[self.request_id_header] = request_id
             collector = RequestCollector(route.name, request_id)
             collector.sent_status = response.status
             self._record(request, route, collector, start_ns, 0.0, response.status, response, False)
         except Exception as exc:  # monitoring never breaks the request
             self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
-
-    def _start_ns(self) -> int:
-        """The point's time: unique across processes (see :class:`~lunamon._ids.PointClock`)."""
-        return self._clock.now_ns(time.time_ns)
 
     def _record_after(
         self,
@@ -351,6 +350,26 @@ class RequestRecorder:
         outcome: web.StreamResponse | BaseException | None,
         raised: bool,
     ) -> None:
+        if not (
+            raised
+            or collector.extra_tags
+            or collector.extra_fields
+            or status in self.failed_status_codes
+        ):  # the common case: the route's shared tags, fields of lunamon's own, one point
+            point = _request_point(
+                Point,
+                route.tag_sets,
+                route.params,
+                request.match_info,
+                status,
+                start_ns,
+                collector.request_id,
+                elapsed,
+                collector.steps,
+            )
+            if point is not None:
+                self.monitoring.emit(point)
+                return
         tags: dict[str, str] = route.tags(status, request)
         if collector.extra_tags:
             tags = dict(tags)  # the shared TagSet stays as it is
@@ -358,7 +377,7 @@ class RequestRecorder:
                 tags.setdefault(key, value)
         fields: dict[str, FieldValue] = {
             "request_id": collector.request_id,
-            "execution_time": elapsed,
+            "execution_time": _to_the_ns(elapsed),
         }
         if collector.steps:
             fields.update(collector.steps)
@@ -392,6 +411,43 @@ class RequestRecorder:
         if code is None:
             code = 1 if raised or status >= 500 else 0
         return code
+
+
+def _to_the_ns(seconds: float) -> float:
+    """``seconds`` rounded to whole nanoseconds (see ``RequestCollector.add_step``)."""
+    return round(seconds * 1e9) / 1e9 if -NS_EXACT_BELOW < seconds < NS_EXACT_BELOW else seconds
+
+
+def _py_request_point(
+    point_type: type[Point],
+    tag_sets: dict[object, TagSet],
+    params: tuple[str, ...],
+    match_info: Any,
+    status: int,
+    start_ns: int,
+    request_id: str,
+    elapsed: float,
+    steps: dict[str, float],
+) -> Point | None:
+    """The ``request`` point of a request with nothing but lunamon's own fields and the
+    route's shared tags; None when that tag set is not made yet. ``_speedups.request_point``
+    is this, compiled (tests/test_speedups.py compares them)."""
+    key = (status, *map(match_info.get, params)) if params else status
+    tags = tag_sets.get(key)
+    if tags is None:
+        return None
+    fields: dict[str, FieldValue] = {
+        "request_id": request_id,
+        "execution_time": _to_the_ns(elapsed),
+    }
+    if steps:
+        fields.update(steps)
+    return tuple.__new__(point_type, ("request", start_ns, tags, fields))
+
+
+_request_point: Callable[..., Point | None] = _py_request_point
+if _ids._core is not None:
+    _request_point = _ids._core.request_point
 
 
 _timing_names: dict[str, str] = {}

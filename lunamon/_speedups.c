@@ -14,11 +14,15 @@
  * names are looked up when used, as Python code looks up its globals: TagSet and
  * the caches once per call, the helpers on each (rare) miss.
  *
- * Floats are written by PyOS_double_to_string(x, 'r', 0, Py_DTSF_ADD_DOT_0),
- * the very function float.__repr__ calls, so the text is repr's.
+ * Floats are written as float.__repr__ writes them. A whole number of nanoseconds in
+ * seconds (what lunamon's clocks give: execution_time and steps are rounded to the ns)
+ * is written from that integer, as repr would write it (ns_seconds); any other float by
+ * PyOS_double_to_string(x, 'r', 0, Py_DTSF_ADD_DOT_0), the very function float.__repr__
+ * calls. The first costs ~30 ns, the second 0.5-1.2 us (its shortest-digits search).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <string.h>
 
 /* lunamon.point, set by configure(); its names, interned once. */
@@ -167,9 +171,64 @@ buffer_add_formatted(Buffer *buf, PyObject *value)
     return result;
 }
 
+/* repr(value) when value is k / 1e9 exactly for a whole k in 1..1e16 (written to text,
+ * at least 40 chars; its length), else 0. Every decimal with at most nine places is the
+ * shortest text of its double below 4e6 s (two of them are never the same double there: a
+ * double's spacing is below 1e-9), so repr gives k's digits with the point nine places
+ * from the right, in repr's notation: fixed from 1e-4 on, else d.ddde-XX. */
+static int
+ns_seconds(char *text, double value)
+{
+    if (!(value >= 1e-9 && value < 4e6)) { /* a double's spacing is below 1e-9 there */
+        return 0;
+    }
+    long long k = llround(value * 1e9);
+    if ((double)k / 1e9 != value) {
+        return 0;
+    }
+    char digits[24];
+    int n = snprintf(digits, sizeof digits, "%lld", k);
+    int kept = n;
+    while (kept > 1 && digits[kept - 1] == '0') {
+        kept--;
+    }
+    int length = 0;
+    if (k < 100000) { /* below 1e-4: exponent notation, e.g. 1.2345e-05 */
+        text[length++] = digits[0];
+        if (kept > 1) {
+            text[length++] = '.';
+            memcpy(text + length, digits + 1, (size_t)(kept - 1));
+            length += kept - 1;
+        }
+        return length + snprintf(text + length, 16, "e-%02d", 9 - (n - 1));
+    }
+    if (n <= 9) { /* 0.000ddd */
+        memcpy(text, "0.", 2);
+        length = 2;
+        memset(text + length, '0', (size_t)(9 - n));
+        length += 9 - n;
+        memcpy(text + length, digits, (size_t)kept);
+        return length + kept;
+    }
+    memcpy(text, digits, (size_t)(n - 9)); /* whole seconds, then the fraction or .0 */
+    length = n - 9;
+    text[length++] = '.';
+    if (kept <= n - 9) {
+        text[length++] = '0';
+        return length;
+    }
+    memcpy(text + length, digits + n - 9, (size_t)(kept - (n - 9)));
+    return length + kept - (n - 9);
+}
+
 static int
 buffer_add_float(Buffer *buf, double value)
 {
+    char fast[48];
+    int fast_length = ns_seconds(fast, value);
+    if (fast_length > 0) {
+        return buffer_add(buf, fast, fast_length);
+    }
     char *text = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (text == NULL) {
         return -1;
@@ -484,7 +543,247 @@ configure(PyObject *module, PyObject *point)
     Py_RETURN_NONE;
 }
 
+/* float_repr(x): the text the encoder writes for float x (repr's, by either path). */
+static PyObject *
+float_repr(PyObject *self, PyObject *arg)
+{
+    double value = PyFloat_AsDouble(arg);
+    if (value == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Buffer buf = {NULL, 0, 0, 0};
+    if (buffer_add_float(&buf, value) < 0) {
+        buffer_free(&buf);
+        return NULL;
+    }
+    PyObject *text = PyUnicode_FromStringAndSize(buf.data, buf.size);
+    buffer_free(&buf);
+    return text;
+}
+
+/* ------------------------------------------------------------------ the recorder's core
+ *
+ * The per-request work of lunamon._recorder that needs no aiohttp object, compiled:
+ * point times (lunamon._ids: a 10 us quantum, then the process's slot), request ids, and
+ * the request point itself. lunamon._ids keeps the state that outlives a call (the slot,
+ * the id source) and pushes it here (set_slot, set_id_source) at import, at a claim and
+ * in a forked child; the pure-Python functions of _ids and _recorder are the reference
+ * (tests/test_speedups.py compares them). */
+
+#define QUANTUM_NS 10000LL
+static long long last_quantum = 0; /* the last quantum given, for every clock */
+static long long point_slot = -1;  /* -1: none claimed (again after a fork) */
+static PyObject *claim = NULL;     /* lunamon._ids._claim(): claims and returns the slot */
+static char id_prefix[40];
+static Py_ssize_t id_prefix_length = 0;
+static unsigned long long id_counter = 0;
+
+/* point_time(now_ns) -> int: now's quantum (or the next free one), then the slot. */
+static PyObject *
+point_time(PyObject *self, PyObject *arg)
+{
+    long long now = PyLong_AsLongLong(arg);
+    if (now == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long quantum = now >= 0 ? now / QUANTUM_NS : -((-now + QUANTUM_NS - 1) / QUANTUM_NS);
+    if (quantum <= last_quantum) {
+        quantum = last_quantum + 1;
+    }
+    last_quantum = quantum;
+    if (point_slot < 0) {
+        if (claim == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "lunamon._speedups: configure_ids() first");
+            return NULL;
+        }
+        PyObject *slot = PyObject_CallNoArgs(claim);
+        if (slot == NULL) {
+            return NULL;
+        }
+        long long value = PyLong_AsLongLong(slot);
+        Py_DECREF(slot);
+        if (value == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        point_slot = value;
+    }
+    return PyLong_FromLongLong(quantum * QUANTUM_NS + point_slot);
+}
+
+/* set_last_quantum(n): the shared state, set (tests turn the clock back with it). */
+static PyObject *
+set_last_quantum(PyObject *self, PyObject *arg)
+{
+    long long value = PyLong_AsLongLong(arg);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    last_quantum = value;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+set_slot(PyObject *self, PyObject *arg)
+{
+    long long value = PyLong_AsLongLong(arg);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    point_slot = value;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+configure_ids(PyObject *self, PyObject *arg)
+{
+    if (!PyCallable_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "configure_ids(claim): claim must be callable");
+        return NULL;
+    }
+    Py_INCREF(arg);
+    Py_XSETREF(claim, arg);
+    Py_RETURN_NONE;
+}
+
+/* set_id_source(prefix, counter): ids are "<seconds>,<prefix><counter as 12 hex>". */
+static PyObject *
+set_id_source(PyObject *self, PyObject *args)
+{
+    const char *prefix;
+    Py_ssize_t length;
+    unsigned long long counter;
+    if (!PyArg_ParseTuple(args, "s#K", &prefix, &length, &counter)) {
+        return NULL;
+    }
+    if (length >= (Py_ssize_t)sizeof id_prefix) {
+        PyErr_SetString(PyExc_ValueError, "id prefix too long");
+        return NULL;
+    }
+    memcpy(id_prefix, prefix, (size_t)length);
+    id_prefix_length = length;
+    id_counter = counter;
+    Py_RETURN_NONE;
+}
+
+/* request_id(seconds) -> str, as lunamon._ids._new_request_id writes it. */
+static PyObject *
+request_id(PyObject *self, PyObject *arg)
+{
+    long long seconds = PyLong_AsLongLong(arg);
+    if (seconds == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    char text[96];
+    int length = snprintf(text, 32, "%lld,", seconds);
+    memcpy(text + length, id_prefix, (size_t)id_prefix_length);
+    length += (int)id_prefix_length;
+    length += snprintf(text + length, 16, "%012llx", id_counter++ & 0xFFFFFFFFFFFFULL);
+    return PyUnicode_FromStringAndSize(text, length);
+}
+
+static PyObject *str_request_id = NULL;     /* "request_id" */
+static PyObject *str_execution_time = NULL; /* "execution_time" */
+static PyObject *str_request = NULL;        /* "request" */
+
+/* request_point(point_type, tag_sets, params, match_info, status, start_ns, request_id,
+ *               elapsed, steps) -> Point | None
+ * A route's `request` point (lunamon._recorder._request_point is the reference): the
+ * route's shared tags for (status, *path parameters), the request id, execution_time to
+ * the ns and the steps. None when that tag set is not made yet (the caller makes it). */
+static PyObject *
+request_point(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "request_point() takes 9 arguments");
+        return NULL;
+    }
+    PyObject *point_type = args[0], *tag_sets = args[1], *params = args[2];
+    PyObject *match_info = args[3], *status = args[4], *steps = args[8];
+    if (!PyType_Check(point_type) || !PyType_IsSubtype((PyTypeObject *)point_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "request_point(): point_type must be a tuple type");
+        return NULL;
+    }
+    if (!PyDict_Check(tag_sets) || !PyTuple_Check(params) || !PyDict_Check(match_info)
+        || !PyDict_Check(steps) || !PyFloat_Check(args[7])) {
+        Py_RETURN_NONE; /* not the shapes of lunamon's own: the caller's slow path */
+    }
+    double elapsed = PyFloat_AsDouble(args[7]);
+    if (elapsed == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *key;
+    Py_ssize_t count = PyTuple_GET_SIZE(params);
+    if (count == 0) {
+        key = Py_NewRef(status);
+    }
+    else {
+        key = PyTuple_New(count + 1);
+        if (key == NULL) {
+            return NULL;
+        }
+        PyTuple_SET_ITEM(key, 0, Py_NewRef(status));
+        for (Py_ssize_t i = 0; i < count; i++) {
+            PyObject *value = PyDict_GetItemWithError(match_info, PyTuple_GET_ITEM(params, i));
+            if (value == NULL) {
+                if (PyErr_Occurred()) {
+                    Py_DECREF(key);
+                    return NULL;
+                }
+                value = Py_None;
+            }
+            PyTuple_SET_ITEM(key, i + 1, Py_NewRef(value));
+        }
+    }
+    PyObject *tags = PyDict_GetItemWithError(tag_sets, key); /* borrowed */
+    Py_DECREF(key);
+    if (tags == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (fabs(elapsed) < 4e6) {
+        elapsed = nearbyint(elapsed * 1e9) / 1e9; /* round() to the ns, as the Python does */
+    }
+    PyObject *fields = PyDict_New();
+    if (fields == NULL) {
+        return NULL;
+    }
+    PyObject *seconds = PyFloat_FromDouble(elapsed);
+    if (seconds == NULL || PyDict_SetItem(fields, str_request_id, args[6]) < 0
+        || PyDict_SetItem(fields, str_execution_time, seconds) < 0
+        || (PyDict_GET_SIZE(steps) && PyDict_Update(fields, steps) < 0)) {
+        Py_XDECREF(seconds);
+        Py_DECREF(fields);
+        return NULL;
+    }
+    Py_DECREF(seconds);
+    PyObject *point = ((PyTypeObject *)point_type)->tp_alloc((PyTypeObject *)point_type, 4);
+    if (point == NULL) {
+        Py_DECREF(fields);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(point, 0, Py_NewRef(str_request));
+    PyTuple_SET_ITEM(point, 1, Py_NewRef(args[5]));
+    PyTuple_SET_ITEM(point, 2, Py_NewRef(tags));
+    PyTuple_SET_ITEM(point, 3, fields);
+    return point;
+}
+
 static PyMethodDef methods[] = {
+    {"point_time", point_time, METH_O,
+     "point_time(now_ns) -> int: a point time never given before, ending in the slot."},
+    {"set_last_quantum", set_last_quantum, METH_O, "set_last_quantum(n): the last one given."},
+    {"set_slot", set_slot, METH_O, "set_slot(n): the process's slot, -1 for none."},
+    {"configure_ids", configure_ids, METH_O, "configure_ids(claim): what claims a slot."},
+    {"set_id_source", set_id_source, METH_VARARGS,
+     "set_id_source(prefix, counter): the random prefix and next counter of request ids."},
+    {"request_id", request_id, METH_O, "request_id(seconds) -> str: a new request id."},
+    {"request_point", (PyCFunction)(void (*)(void))request_point, METH_FASTCALL,
+     "request_point(point_type, tag_sets, params, match_info, status, start_ns, request_id,"
+     " elapsed, steps) -> Point | None."},
+    {"float_repr", float_repr, METH_O,
+     "The text the encoder writes for a float: repr()'s (a test compares them)."},
     {"encode_lines", encode_lines, METH_O,
      "encode_lines(points) -> bytes: newline-terminated line protocol, as lunamon.point's."},
     {"encode_line", encode_line, METH_O,
@@ -497,7 +796,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "lunamon._speedups",
-    .m_doc = "lunamon's line-protocol encoder, compiled (lunamon.point uses it when built).",
+    .m_doc = "lunamon's line-protocol encoder and recorder core, compiled (used when built).",
     .m_size = -1,
     .m_methods = methods,
 };
@@ -514,7 +813,10 @@ PyInit__speedups(void)
         || (series_cache_name = PyUnicode_InternFromString("_series_cache")) == NULL
         || (escape_series_name = PyUnicode_InternFromString("_escape_series")) == NULL
         || (tag_cache_name = PyUnicode_InternFromString("_tag_cache")) == NULL
-        || (tag_pair_name = PyUnicode_InternFromString("_tag_pair")) == NULL) {
+        || (tag_pair_name = PyUnicode_InternFromString("_tag_pair")) == NULL
+        || (str_request_id = PyUnicode_InternFromString("request_id")) == NULL
+        || (str_execution_time = PyUnicode_InternFromString("execution_time")) == NULL
+        || (str_request = PyUnicode_InternFromString("request")) == NULL) {
         return NULL;
     }
     return PyModule_Create(&module_def);

@@ -57,7 +57,24 @@ def _monitored(func: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
     ``__self__`` on every call (~1.4 µs), and a handler needs no descriptor magic.
     """
 
+    # The recorder of the app this handler last served (an app's recorder never changes once
+    # it serves): no Application.get per request.
+    last: list[Any] = [None, None]
+
     async def monitored_handler(*args: Any, **kwargs: Any) -> web.StreamResponse:
+        if len(args) == 1 and not kwargs and type(args[0]) is web.Request:  # handler(request)
+            plain: web.Request = args[0]
+            if _current_get() is None:
+                app = plain.app
+                if app is last[0]:
+                    recorder: RequestRecorder | None = last[1]
+                else:
+                    recorder = _find_recorder(plain)
+                    if recorder is not None:
+                        last[0], last[1] = app, recorder
+                if recorder is not None:
+                    return await recorder.run(plain, func)
+            return await func(plain)
         first = args[0] if args else kwargs.get("request")
         request = first.request if isinstance(first, web.View) else first
         plain_call = request is first and len(args) == 1 and not kwargs  # handler(request)

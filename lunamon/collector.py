@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+# Seconds are kept to the nanosecond below this (a double's spacing is under 1 ns there).
+NS_EXACT_BELOW: Final = 4e6
 
 
 class RequestCollector:
@@ -59,9 +61,13 @@ class RequestCollector:
         self.ended = 0.0
 
     def add_step(self, name: str, seconds: float) -> None:
-        """Add ``seconds`` to step ``name`` (a step timed twice is summed)."""
+        """Add ``seconds`` to step ``name`` (a step timed twice is summed), to the ns."""
         steps = self.steps
-        steps[name] = steps.get(name, 0.0) + seconds
+        total = steps.get(name, 0.0) + seconds
+        # Whole nanoseconds (the clock's resolution): the encoder writes them ~20x faster.
+        steps[name] = (
+            round(total * 1e9) / 1e9 if -NS_EXACT_BELOW < total < NS_EXACT_BELOW else total
+        )
 
     def add_tag(self, key: str, value: str | int | float) -> None:
         """Tag the request's points (both ``request`` and ``error``)."""

@@ -306,6 +306,35 @@ async def test_monitor_request_without_middleware(aiohttp_client: ClientFactory)
     ]
 
 
+async def test_one_monitored_handler_in_two_apps_records_into_each_apps_own(
+    aiohttp_client: ClientFactory,
+) -> None:
+    name_key = web.AppKey("name", str)
+
+    @lunamon.monitor_request
+    async def shared(request: web.Request) -> web.Response:
+        return web.Response(text=request.app[name_key])
+
+    sinks, clients, monitorings = [], [], []
+    for name in ("a", "b"):
+        sink = MemorySink()
+        app = web.Application()
+        app[name_key] = name
+        app.router.add_get("/", shared)
+        monitorings.append(lunamon.setup(app, service=name, sinks=[sink], middleware=False))
+        sinks.append(sink)
+        clients.append(await aiohttp_client(app))
+    bare = web.Application()  # no setup(): the handler only calls through
+    bare[name_key] = "bare"
+    bare.router.add_get("/", shared)
+    bare_client = await aiohttp_client(bare)
+    for client in (*clients, *clients, bare_client, clients[0]):
+        await (await client.get("/")).read()
+    for monitoring in monitorings:
+        await monitoring.flush()
+    assert [[p.tags["service"] for p in sink.points] for sink in sinks] == [["a"] * 3, ["b"] * 2]
+
+
 async def test_monitor_request_under_the_middleware_records_once(
     aiohttp_client: ClientFactory,
 ) -> None:
@@ -1083,7 +1112,7 @@ async def test_an_expect_handler_answer_is_recorded_like_any_response(
 
     # Requests start in 2001 here: a generated id carries the start's seconds, not "now".
     start = 1_000_000_000_123_456_000
-    monkeypatch.setattr(lunamon._ids, "_last_quantum", 0)  # the process's clock went back
+    lunamon._ids._set_clock(0)  # the process's clock went back
     monkeypatch.setattr(
         lunamon._recorder,
         "time",

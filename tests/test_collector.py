@@ -11,6 +11,23 @@ from lunamon import RequestCollector, add_field, add_tag, current_request
 from lunamon.collector import current
 
 
+def test_steps_are_summed_to_the_nanosecond_and_odd_values_kept() -> None:
+    collector = RequestCollector("GET:/", "id")
+    collector.add_step("a_time", 0.1)
+    collector.add_step("a_time", 0.2)
+    assert collector.steps["a_time"] == 0.3  # not 0.30000000000000004
+    collector.add_step("b_time", 1.0000000004)
+    assert collector.steps["b_time"] == 1.0
+    collector.add_step("c_time", 5e6 + 1e-9)  # beyond 4e6 s: as it is
+    assert collector.steps["c_time"] == 5e6 + 1e-9
+    collector.add_step("d_time", -4e6 - 1)
+    assert collector.steps["d_time"] == -4e6 - 1
+    collector.add_step("e_time", float("inf"))
+    assert collector.steps["e_time"] == float("inf")
+    collector.add_step("f_time", -3.0000000004)
+    assert collector.steps["f_time"] == -3.0
+
+
 def test_outside_a_request_everything_is_a_no_op() -> None:
     assert current_request() is None
     add_tag("k", "v")

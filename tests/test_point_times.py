@@ -38,7 +38,7 @@ def slot_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     before = (_ids._slot_dir, _ids._instance)
     folder = tmp_path / "slots"
     _ids.configure_slots(str(folder))
-    monkeypatch.setattr(_ids, "_last_quantum", 0)
+    _ids._set_clock(0)
     yield folder
     _ids.configure_slots(*before)
 
@@ -95,14 +95,17 @@ def test_two_processes_collide_only_on_the_same_slot_in_the_same_quantum(
     """The edge of the bound: a slot and a 10 µs quantum, both equal, give one time."""
 
     def time_of(slot: int, clock_ns: int) -> int:
-        monkeypatch.setattr(_ids, "_slot", slot)
-        monkeypatch.setattr(_ids, "_last_quantum", 0)
+        _ids._set_clock(0, slot)
         return _ids.PointClock().now_ns(lambda: clock_ns)
 
+    held = _ids.current_slot()
     base = 1_700_000_000_000_000_000
-    assert time_of(17, base) == time_of(17, base + 9_999)
-    assert time_of(17, base) != time_of(17, base + 10_000)
-    assert time_of(17, base) != time_of(18, base)
+    try:
+        assert time_of(17, base) == time_of(17, base + 9_999)
+        assert time_of(17, base) != time_of(17, base + 10_000)
+        assert time_of(17, base) != time_of(18, base)
+    finally:
+        _ids._set_clock(0, held)
     assert time_of(9999, base) % 10_000 == 9999  # four digits, all slots usable
 
 

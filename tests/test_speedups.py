@@ -6,8 +6,10 @@ when it is missing. ``LUNAMON_PURE_PYTHON=1`` switches back to the Python encode
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import pytest
@@ -16,9 +18,11 @@ from hypothesis import strategies as st
 from test_point import _field_value, _key, _series, _text
 
 import lunamon.point as point_module
-from lunamon import Point, encode_lines
+from lunamon import Point, _ids, _speedups, encode_lines
+from lunamon._recorder import _py_request_point
 from lunamon._speedups import encode_line as compiled_line
 from lunamon._speedups import encode_lines as compiled
+from lunamon._speedups import float_repr
 from lunamon.point import FieldValue, TagSet, _encode, _encode_lines
 
 
@@ -41,9 +45,11 @@ def test_a_normal_install_encodes_with_the_compiled_encoder() -> None:
 
 def test_lunamon_pure_python_switches_the_compiled_encoder_and_orjson_off() -> None:
     code = (
-        "import lunamon.point as p, lunamon.sinks.clickhouse as c;"
+        "import lunamon.point as p, lunamon.sinks.clickhouse as c, lunamon._ids as i,"
+        " lunamon._recorder as r;"
         " print(p._encoder is p._encode_lines and p._line_encoder is p._encode,"
-        " c._orjson is None)"
+        " c._orjson is None, i.point_time is i._point_time and i.request_id is i._request_id,"
+        " r._request_point is r._py_request_point)"
     )
     cases: list[tuple[str | None, str]] = [
         ("1", "True"),
@@ -60,7 +66,7 @@ def test_lunamon_pure_python_switches_the_compiled_encoder_and_orjson_off() -> N
         done = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
-        assert done.stdout.split() == [pure, pure], value  # both speedups off, or both on
+        assert done.stdout.split() == [pure] * 4, value  # every speedup off, or every one on
 
 
 _tags = st.dictionaries(_key, _text, max_size=4)
@@ -95,6 +101,22 @@ def test_floats_are_written_as_repr_writes_them() -> None:
     values = [0.1, 1e16, 1e-7, 123456789.123, -0.0, 5e-324, 1.7976931348623157e308, 2.0]
     body = _both([Point.trusted("s", 1, {}, {"x": v}) for v in values])
     assert body.decode().splitlines() == [f"s x={v!r} 1" for v in values]
+
+
+@given(st.integers(min_value=1, max_value=4 * 10**15))
+@settings(max_examples=3000, deadline=None)
+def test_whole_nanoseconds_take_the_fast_path_and_still_read_as_repr(ns: int) -> None:
+    value = ns / 1e9
+    assert float_repr(value) == repr(value)
+
+
+def test_float_text_is_repr_on_both_sides_of_every_fast_path_edge() -> None:
+    edges = [1e-9, 9.99e-5, 1e-4, 0.000100001, 0.1, 1.0, 10.0, 123.456, 3999999.999999999]
+    edges += [4e6, 4000000.000000001, 8388608.123456789, 9890151.083877267, 1e7, 1e16]
+    edges += [0.0, -0.0, -1.5, 5e-10, 0.1 + 0.2, 1 / 3, 1e300, float("inf"), float("nan")]
+    edges += [k / 1e9 + 1e-18 for k in (1, 12345, 100000, 999999999)]
+    for value in edges:
+        assert float_repr(value) == repr(value), value
 
 
 def test_strings_escape_quotes_and_backslashes_and_keep_utf8() -> None:
@@ -185,3 +207,95 @@ def test_long_lines_outgrow_the_first_buffer_intact() -> None:
         assert line == _encode(point)
         assert len(line.encode()) > size
         assert _both([point] * 3).count(b"\n") == 3
+
+
+def test_the_compiled_clock_and_ids_are_the_python_ones() -> None:
+    """Point times and request ids: the extension keeps the state, _ids pushes it there."""
+    assert _ids.point_time is _speedups.point_time
+    held = _ids.current_slot()
+    try:
+        _ids._set_clock(0, 4321)
+        compiled_times = [_ids.point_time(T) for T in (5_000_019_999, 5_000_010_000, 1, 7_000_000)]
+        _ids._set_clock(0, 4321)
+        python_times = [_ids._point_time(T) for T in (5_000_019_999, 5_000_010_000, 1, 7_000_000)]
+        assert compiled_times == python_times
+        assert compiled_times == [5_000_014_321, 5_000_024_321, 5_000_034_321, 5_000_044_321]
+        _ids._set_clock(0, -1)  # no slot: the first point claims one
+        assert _ids.point_time(10**12) % 10_000 == _ids.current_slot()
+    finally:
+        _ids._set_clock(0, held)
+    first, second = _ids.request_id(1_764_979_200), _ids.request_id(1_764_979_200)
+    assert first.startswith("1764979200," + _ids._id_prefix)
+    assert int(second[-12:], 16) == (int(first[-12:], 16) + 1) & 0xFFFFFFFFFFFF
+    assert uuid.UUID(first.split(",")[1]).version == 4
+    _speedups.set_id_source(_ids._id_prefix, 0xFFFFFFFFFFFF)
+    assert _ids.request_id(1) == f"1,{_ids._id_prefix}ffffffffffff"
+    assert _ids.request_id(1) == f"1,{_ids._id_prefix}000000000000"  # 48 bits, wrapped
+
+
+def test_a_forked_child_gets_a_new_id_source_and_claims_its_own_slot() -> None:
+    read, write = os.pipe()
+    parent_slot = _ids.current_slot()
+    pid = os.fork()
+    if pid == 0:  # the child: reports its first id and slot, then leaves at once
+        text = f"{_ids.request_id(1)} {_ids.point_time(10**15) % 10_000} {_ids.current_slot()}"
+        os.write(write, text.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child_id, child_time_slot, child_slot = os.read(read, 200).decode().split()
+    os.close(read)
+    assert not child_id.startswith("1," + _ids._id_prefix)
+    assert child_time_slot == child_slot != str(parent_slot)
+
+
+@given(
+    st.sampled_from([200, 201, 404, 500]),
+    st.lists(st.sampled_from(["handlerId", "verifierId", "x"]), max_size=3, unique=True),
+    st.dictionaries(st.sampled_from(["handlerId", "verifierId", "y"]), _text, max_size=3),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e7, max_value=1e7),
+    st.dictionaries(_key, st.floats(allow_nan=False), max_size=3),
+    st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_compiled_request_point_is_the_python_one(
+    status: int,
+    params: list[str],
+    match_info: dict[str, str],
+    elapsed: float,
+    steps: dict[str, float],
+    made: bool,
+) -> None:
+    key = (status, *map(match_info.get, params)) if params else status
+    tag_sets = {key: TagSet(service="s", route="GET:/", status_code=str(status))} if made else {}
+    args: tuple[Any, ...] = (
+        Point,
+        tag_sets,
+        tuple(params),
+        match_info,
+        status,
+        17,
+        "i",
+        elapsed,
+        steps,
+    )
+    compiled_point = _speedups.request_point(*args)
+    python_point = _py_request_point(*args)
+    assert compiled_point == python_point
+    assert type(compiled_point) is type(python_point)
+    if made:
+        assert compiled_point is not None
+        assert compiled_point.tags is tag_sets[key]
+
+
+def test_request_point_leaves_shapes_not_its_own_to_the_python_path() -> None:
+    tags: dict[Any, TagSet] = {200: TagSet(service="s")}
+    odd: Any = None
+    assert _speedups.request_point(Point, tags, (), {}, 200, 1, "i", 0.5, {}) is not None
+    assert _speedups.request_point(Point, tags, (), {}, 200, 1, "i", 1, {}) is None  # int
+    assert _speedups.request_point(Point, tags, (), [], 200, 1, "i", 0.5, {}) is None
+    assert _speedups.request_point(Point, tags, (), {}, 200, 1, "i", 0.5, odd) is None
+    with pytest.raises(TypeError):
+        _speedups.request_point(dict, tags, (), {}, 200, 1, "i", 0.5, {})  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _speedups.request_point(*(Point, tags))  # type: ignore[call-arg]
