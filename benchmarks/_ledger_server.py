@@ -57,10 +57,6 @@ _ID_LINES: Final = (
     "        if request_id is None or not {check}(request_id):\n"
     "            request_id = {new}(start_ns // 1_000_000_000)\n"
 )
-_RECORD_CURRENT: Final = (
-    "        tags: dict[str, str] = route.tags(status, request)\n",
-    '        emit(_point("request", start_ns, tags, fields))\n',
-)
 _POINT_OFF: Final = "        self.monitoring.emit(self._ledger_point)\n"
 _RECORD_FIRST: Final = (
     "        tags: dict[str, str] = route.tags(status, request)\n",
@@ -74,6 +70,7 @@ _CONTEXT_OFF: Final[list[Edit]] = [
 ]
 
 PIECES: Final[dict[str, str]] = {
+    "none": "nothing (a second copy of the whole: the noise floor of the other rows)",
     "route": "route lookup (match_info, cached route)",
     "time": "clock readings (point time, two perf_counter)",
     "request_id": "request id (header read, check, new id)",
@@ -116,11 +113,12 @@ EDITS: Final[dict[str, dict[str, Edits | None]]] = {
             ]
         },
         "context": {"run": [*_CONTEXT_OFF, ("or _current_get() is not None:", "or False:")]},
-        "point": {"_record": [(_RECORD_CURRENT, _POINT_OFF)]},
+        "point": {"run": [("point := _request_point(", "point := self._ledger_point_of(")]},
         "echo": {"run": [("response.headers[header] = request_id", "pass")]},
         "prepare": {"run": [("if after or _EXPECT in request.headers:", "if after:")]},
         "emit": {},
         "encode": {},
+        "none": {},
     },
     "first": {
         "route": {"run": [(_ROUTE_FIRST, _ROUTE_OFF)]},
@@ -145,6 +143,7 @@ EDITS: Final[dict[str, dict[str, Edits | None]]] = {
         "prepare": None,  # the first release had no prepare hook
         "emit": {},
         "encode": {},
+        "none": {},
     },
 }
 
@@ -224,6 +223,7 @@ class _Tree:
         recorder._ledger_point = self.lunamon.Point(
             "request", 1_764_979_200_000_000_000, {"service": "ledger"}, {"request_id": "x"}
         )
+        recorder._ledger_point_of = lambda *args: recorder._ledger_point
         app.middlewares[0] = recorder.run  # the edited one
         if piece == "route":
             resource = next(iter(app.router.resources()))
@@ -252,6 +252,73 @@ def build(variant: str, trees: dict[str, _Tree]) -> web.Application:
     return trees[kind].app(piece)
 
 
+class _Writer:
+    """The request's payload writer, doing nothing (no socket): prepare() and write_eof()
+    run all of aiohttp's and lunamon's own work but the send."""
+
+    buffer_size = 0
+    output_size = 0
+
+    async def write_headers(self, status_line: str, headers: Any) -> None:
+        return None
+
+    async def write(self, data: Any) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+    async def drain(self) -> None:
+        return None
+
+    def enable_compression(self, *args: Any) -> None:
+        return None
+
+    def enable_chunking(self) -> None:
+        return None
+
+    def send_headers(self, *args: Any) -> None:
+        return None
+
+    def set_eof(self) -> None:
+        return None
+
+
+class _Driver:
+    """One variant's app serving mocked requests in process: ``Application._handle``, then
+    ``prepare`` and ``write_eof`` as aiohttp's ``finish_response`` does; CPU time only."""
+
+    def __init__(self, app: web.Application, requests: list[Any]) -> None:
+        self.app = app
+        self.requests = requests
+
+    @classmethod
+    async def make(cls, app: web.Application) -> _Driver:
+        from aiohttp.test_utils import make_mocked_request
+
+        path = "/handlers/3f0c6b1e-9d1a-4c55-8d0b-5b8a3c2e1f00/events"
+        requests = []
+        for _ in range(64):
+            request = make_mocked_request("POST", path, app=app, writer=_Writer())
+            requests.append(request)
+        return cls(app, requests)
+
+    async def run(self, count: int) -> float:
+        """CPU ns per request over ``count`` requests (the loop's turns between included:
+        the flusher encodes and frees batches in them, as in a server)."""
+        handle = self.app._handle
+        requests = self.requests
+        started = time.process_time_ns()
+        for i in range(count):
+            request = requests[i % 64]
+            response = await handle(request)
+            await response.prepare(request)
+            await response.write_eof()
+            if i % 32 == 31:  # a loop turn per 32 requests, as under wrk -c32
+                await asyncio.sleep(0)
+        return (time.process_time_ns() - started) / count
+
+
 async def serve(variants: list[str], first: str) -> None:
     sys.path.insert(0, first)
     trees = {kind: _Tree(kind) for kind in ("today", "first")}
@@ -271,6 +338,16 @@ async def serve(variants: list[str], first: str) -> None:
     control = web.Application()
     control.router.add_get("/gc", gc_time)
     apps = {variant: build(variant, trees) for variant in variants}
+    drivers: dict[str, _Driver] = {}
+
+    async def drive(request: web.Request) -> web.Response:
+        variant, count = request.match_info["variant"], int(request.match_info["count"])
+        driver = drivers.get(variant)
+        if driver is None:
+            driver = drivers[variant] = await _Driver.make(apps[variant])
+        return web.json_response({"ns": await driver.run(count)})
+
+    control.router.add_get("/drive/{variant}/{count}", drive)
     apps["control"] = control
     runners, ports = [], {}
     for variant, app in apps.items():

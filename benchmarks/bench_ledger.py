@@ -5,12 +5,12 @@ today and in the first release (e7e0697), each measured by switching that one pi
 the first release (``git archive``, its packages renamed so that it imports beside this
 one), then starts P server processes (``benchmarks._ledger_server``), each serving every
 variant on its own port: bare aiohttp, prometheus_client's middleware, and for each tree
-lunamon's hello-world middleware whole and once per piece switched off. Each round loads
-every variant of every process with wrk in turn, in an order that rotates, and reads the
-process's CPU time around each load. A piece's cost is the median, over rounds and
-processes, of (whole - piece off) measured in the same process and round; pieces interact
-(switching the point off also shrinks what is buffered and encoded), so the rows do not
-add up to the total exactly.
+lunamon's hello-world middleware whole and once per piece switched off. Each round loads,
+in every process, each pair (whole, piece off) and (bare, X) with wrk in four windows in a
+row, A B B A, reading the process's CPU time around each. A piece's cost is the median,
+over rounds and processes, of whole minus piece off; pieces interact (switching the point
+off also shrinks what is buffered and encoded), so the rows do not add up to the total
+exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
-from typing import Final
+from typing import Any, Final
 
 from benchmarks._common import PYTHON, REPO, base_parser, fmt_float, markdown_table
 from benchmarks._ledger_server import EDITS, PIECES
@@ -57,23 +57,30 @@ def _gc_ns(port: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = base_parser(__doc__ or "")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=int, default=2, help="seconds of wrk per load")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--pieces", default=",".join(PIECES), help="the pieces to measure")
     parser.add_argument("--first", default=FIRST_RELEASE, help="the release to compare with")
     parser.add_argument("--raw", action="store_true", help="also print every load's figure")
     parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="no wrk: each app serves mocked requests in its process (aiohttp's _handle,"
+        " prepare, write_eof), the best of many batches",
+    )
+    parser.add_argument("--requests", type=int, default=4000, help="per in-process batch")
+    parser.add_argument(
         "--today",
         default="",
         help="a checkout (its extension built) to measure instead of this one",
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.duration, args.processes = 1, 1, 1
+    if args.quick:  # in process, a few requests: a smoke run of every variant and piece
+        args.rounds, args.processes, args.in_process, args.requests = 1, 1, True, 100
     pieces = [piece for piece in args.pieces.split(",") if piece]
     variants = ["bare", "prometheus"]
-    for tree, kind in (("today", "current"), ("first", "first")):
+    for tree, kind in (("today", "current"), ("first", "first")):  # a whole, then its pieces
         variants.append(tree)
         variants += [f"{tree}-{p}" for p in pieces if EDITS[kind][p] is not None]
     us: dict[str, list[float]] = {v: [] for v in variants}
@@ -106,29 +113,47 @@ def main(argv: Sequence[str] | None = None) -> None:
             ports = [json.loads(proc.stdout.readline() or "null") for proc in procs]  # type: ignore[union-attr]
             if not all(ports):
                 raise RuntimeError("a ledger server did not start")
-            for port_map in ports:
+            for port_map in ports if not args.in_process else ():
                 for variant in variants:
                     run_wrk(f"http://127.0.0.1:{port_map[variant]}{PATH}", 1, 32, script)
-            for round_no in range(args.rounds):
-                shift = round_no % len(variants)
+            if args.in_process:
+                _in_process(args, procs, ports, variants, us, pairs)
+                duos = []
+            else:
+                duos = [("bare", "prometheus"), ("bare", "today"), ("bare", "first")]
+                duos += [(v.split("-")[0], v) for v in variants if "-" in v]
+            # (reference, other): each pair is loaded A B B A (B A A B the next round) in one
+            # process, four windows in a row, so that the machine's drift over the run
+            # (several per cent from one minute to the next here) cancels within the pair.
+            for round_no in range(args.rounds if duos else 0):
+                shift = round_no % len(duos)
                 for proc, port_map in zip(procs, ports, strict=True):
-                    cpu: dict[str, float] = {}
-                    for variant in [*variants[shift:], *variants[:shift]]:
+
+                    def load(
+                        variant: str,
+                        proc: subprocess.Popen[str] = proc,
+                        port_map: dict[str, int] = port_map,
+                    ) -> float:
                         url = f"http://127.0.0.1:{port_map[variant]}{PATH}"
                         gc_before = _gc_ns(port_map["control"])
                         before = server_cpu_seconds(proc.pid)
                         _rps, total = run_wrk(url, args.duration, 32, script)
                         used = server_cpu_seconds(proc.pid) - before
-                        gc_used = _gc_ns(port_map["control"]) - gc_before
-                        cpu[variant] = used / total * 1e6
-                        us[variant].append(cpu[variant])
-                        gc_us[variant].append(gc_used / total / 1000)
-                    for variant in variants:
-                        if "-" in variant:
-                            whole = variant.split("-")[0]
-                            pairs.setdefault(variant, []).append(cpu[whole] - cpu[variant])
-                        elif variant != "bare":
-                            pairs.setdefault(variant, []).append(cpu[variant] - cpu["bare"])
+                        gc_us[variant].append(
+                            (_gc_ns(port_map["control"]) - gc_before) / total / 1000
+                        )
+                        us[variant].append(used / total * 1e6)
+                        return us[variant][-1]
+
+                    for first_one, other in [*duos[shift:], *duos[:shift]]:
+                        order = [first_one, other] if round_no % 2 == 0 else [other, first_one]
+                        seen = dict.fromkeys(order, 0.0)
+                        for variant in [*order, *reversed(order)]:
+                            seen[variant] += load(variant) / 2
+                        if first_one == "bare":  # the whole over bare aiohttp
+                            pairs.setdefault(other, []).append(seen[other] - seen["bare"])
+                        else:  # the whole minus the piece switched off
+                            pairs.setdefault(other, []).append(seen[first_one] - seen[other])
         finally:
             for proc in procs:
                 proc.terminate()
@@ -137,6 +162,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.raw:
         for variant, values in us.items():
             print(variant, " ".join(f"{value:.1f}" for value in values))
+
+
+def _in_process(
+    args: Any,
+    procs: list[subprocess.Popen[str]],
+    ports: list[dict[str, int]],
+    variants: list[str],
+    us: dict[str, list[float]],
+    pairs: dict[str, list[float]],
+) -> None:
+    """Every variant's app serving mocked requests in its process (no socket, no wrk), in
+    turn, many short times: a variant's figure is its quietest batch (noise only adds),
+    and a piece's cost the difference of two such figures of one process."""
+    best: list[dict[str, float]] = [{} for _ in procs]
+    for round_no in range(args.rounds * 8):
+        shift = round_no % len(variants)
+        for process, port_map in enumerate(ports):
+            for variant in [*variants[shift:], *variants[:shift]]:
+                url = f"http://127.0.0.1:{port_map['control']}/drive/{variant}/{args.requests}"
+                with urllib.request.urlopen(url, timeout=120) as response:
+                    ns = float(json.load(response)["ns"])
+                us[variant].append(ns / 1000)
+                best[process][variant] = min(best[process].get(variant, ns), ns)
+    for figures in best:
+        for variant in variants:
+            if "-" in variant:
+                whole = variant.split("-")[0]
+                pairs.setdefault(variant, []).append((figures[whole] - figures[variant]) / 1000)
+            elif variant != "bare":
+                pairs.setdefault(variant, []).append((figures[variant] - figures["bare"]) / 1000)
 
 
 def _report(
@@ -151,24 +206,32 @@ def _report(
         return fmt_float(median(values), 1) if values else "—"
 
     rows = [[PIECES[p], cell(f"today-{p}"), cell(f"first-{p}")] for p in pieces]
-    rows.append(
-        [
-            "garbage collection, whole variant (bare aiohttp: "
-            f"{fmt_float(median(gc_us['bare']), 2)})",
-            fmt_float(median(gc_us["today"]), 2),
-            fmt_float(median(gc_us["first"]), 2),
-        ]
-    )
+    if gc_us["bare"]:
+        rows.append(
+            [
+                "garbage collection, whole variant (bare aiohttp: "
+                f"{fmt_float(median(gc_us['bare']), 2)})",
+                fmt_float(median(gc_us["today"]), 2),
+                fmt_float(median(gc_us["first"]), 2),
+            ]
+        )
     rows.append(["**whole middleware over bare aiohttp**", cell("today"), cell("first")])
     rows.append(["prometheus_client middleware over bare aiohttp", cell("prometheus"), ""])
     first = getattr(args, "first", FIRST_RELEASE)
-    print("### Cost ledger: server CPU µs per request, whole minus the piece switched off\n")
+    where = "in process (mocked requests)" if getattr(args, "in_process", False) else "server"
+    print(f"### Cost ledger: {where} CPU µs per request, whole minus the piece switched off\n")
     print(markdown_table(["piece", "today", f"first release ({first})"], rows))
     print(
-        f"\nbare aiohttp: {fmt_float(median(us['bare']), 1)} µs per request."
-        f" {getattr(args, 'rounds', 0)} round(s) x {getattr(args, 'processes', 0)} process(es),"
-        f" {getattr(args, 'duration', 0)} s of wrk -t1 -c32 per variant each; every variant"
-        " in every process; medians of the differences measured in one process and round."
+        f"\nbare aiohttp: {fmt_float(min(us['bare']), 1)} µs per request at best."
+        f" {getattr(args, 'processes', 0)} process(es), each serving every variant; "
+        + (
+            f"{getattr(args, 'rounds', 0) * 8} batches of {getattr(args, 'requests', 0)}"
+            " mocked requests per variant and process, variants in turn; per process the best"
+            " batch of each variant; medians over processes of the differences."
+            if getattr(args, "in_process", False)
+            else f"{getattr(args, 'rounds', 0)} round(s), each pair loaded A B B A with"
+            f" {getattr(args, 'duration', 0)} s of wrk -t1 -c32 each; medians of the differences."
+        )
     )
 
 

@@ -233,6 +233,14 @@ def measure(
     return results, stats, served
 
 
+def have_commit(rev: str) -> bool:
+    """Whether this clone holds commit ``rev`` (a shallow one may not)."""
+    done = subprocess.run(
+        ["git", "cat-file", "-e", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True, check=False
+    )
+    return done.returncode == 0
+
+
 def unpack_tree(rev: str, into: Path, paths: Sequence[str] = ("lunamon", "benchmarks")) -> Path:
     """``paths`` of commit ``rev`` written into ``into`` (``git archive``: no worktree)."""
     into.mkdir(parents=True, exist_ok=True)
@@ -285,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "bare" not in wanted:
         wanted.insert(0, "bare")
     skipped = {v: m for v in wanted for m in REQUIRES.get(v, ()) if not have(m)}
+    if "first_release" in wanted and not have_commit(FIRST_RELEASE):
+        skipped["first_release"] = (
+            f"commit {FIRST_RELEASE} (a shallow clone: git fetch --unshallow)"
+        )
     variants = [v for v in wanted if v not in skipped]
 
     cpu: dict[str, list[float]] = {}

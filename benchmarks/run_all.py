@@ -33,6 +33,7 @@ SCRIPTS: Final = (
     "bench_report",
     "bench_clickhouse",
     "bench_client",
+    "bench_ledger",
 )
 TIMEOUT: Final = 420.0  # seconds per script: every loop in them is bounded well below
 PACKAGES: Final = (

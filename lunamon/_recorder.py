@@ -226,10 +226,32 @@ class RequestRecorder:
                             raised,
                         )
                     )
-                else:
+                elif (
+                    raised
+                    or collector.extra_tags
+                    or collector.extra_fields
+                    or status in self.failed_status_codes
+                    or (
+                        point := _request_point(
+                            Point,
+                            route.tag_sets,
+                            route.params,
+                            request.match_info,
+                            status,
+                            start_ns,
+                            request_id,
+                            elapsed,
+                            collector.steps,
+                        )
+                    )
+                    is None
+                ):
                     self._record(
                         request, route, collector, start_ns, elapsed, status, outcome, raised
                     )
+                else:  # the common case, with no call of lunamon's own in Python: the route's
+                    # shared tags, fields of lunamon's own, one point
+                    self.monitoring.emit(point)
             except Exception as exc:  # monitoring never breaks the request
                 self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
 
@@ -350,26 +372,6 @@ class RequestRecorder:
         outcome: web.StreamResponse | BaseException | None,
         raised: bool,
     ) -> None:
-        if not (
-            raised
-            or collector.extra_tags
-            or collector.extra_fields
-            or status in self.failed_status_codes
-        ):  # the common case: the route's shared tags, fields of lunamon's own, one point
-            point = _request_point(
-                Point,
-                route.tag_sets,
-                route.params,
-                request.match_info,
-                status,
-                start_ns,
-                collector.request_id,
-                elapsed,
-                collector.steps,
-            )
-            if point is not None:
-                self.monitoring.emit(point)
-                return
         tags: dict[str, str] = route.tags(status, request)
         if collector.extra_tags:
             tags = dict(tags)  # the shared TagSet stays as it is

@@ -767,6 +767,10 @@ request_point(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyTuple_SET_ITEM(point, 1, Py_NewRef(args[5]));
     PyTuple_SET_ITEM(point, 2, Py_NewRef(tags));
     PyTuple_SET_ITEM(point, 3, fields);
+    /* Never part of a cycle (the tags and fields hold no point): a point waiting for its
+     * batch is never walked by the collector, as CPython untracks such a tuple itself
+     * once a collection has seen it. */
+    PyObject_GC_UnTrack(point);
     return point;
 }
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from servers import missing_binary
 
+from benchmarks._ledger_server import PIECES
+from benchmarks.bench_service import FIRST_RELEASE, have_commit
+
 pytestmark = pytest.mark.bench_smoke
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +99,24 @@ def test_service() -> None:
         assert figure(cells) > 0
         assert cells[2]  # a ratio to bare
         assert cells[-1].startswith("all ("), f"{label}: not every request recorded: {cells}"
+    first = row(rows, "lunamon's first release")
+    if have_commit(FIRST_RELEASE):  # the A/B row: the first release's own code, served
+        assert figure(first) > 0
+        assert first[3].startswith("today's middleware / this >= 1.0 ("), first
+        assert first[-1].startswith("all (")
+    else:
+        assert first[0].startswith("skipped: commit"), first
+
+
+def test_ledger() -> None:
+    """Every piece of both trees is switched off by its edit (a stale one fails the run)."""
+    rows = table(run_script("bench_ledger"))
+    for piece in PIECES.values():
+        assert piece in rows, f"no row {piece!r}"
+    whole = row(rows, "**whole middleware over bare aiohttp**")
+    assert float(whole[0]) > 0
+    assert float(whole[1]) > 0
+    assert row(rows, "the prepare hook")[1] == "—"  # the first release had none
 
 
 def test_timed() -> None:

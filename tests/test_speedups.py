@@ -6,6 +6,7 @@ when it is missing. ``LUNAMON_PURE_PYTHON=1`` switches back to the Python encode
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -286,6 +287,7 @@ def test_the_compiled_request_point_is_the_python_one(
     if made:
         assert compiled_point is not None
         assert compiled_point.tags is tag_sets[key]
+        assert not gc.is_tracked(compiled_point)  # no collection walks a waiting point
 
 
 def test_request_point_leaves_shapes_not_its_own_to_the_python_path() -> None:
