@@ -253,14 +253,16 @@ def build(variant: str, trees: dict[str, _Tree]) -> web.Application:
 
 
 class _Writer:
-    """The request's payload writer, doing nothing (no socket): prepare() and write_eof()
-    run all of aiohttp's and lunamon's own work but the send."""
+    """The request's payload writer without a socket: the headers are serialized as
+    aiohttp's writer does (an echoed header costs its bytes), nothing is sent."""
 
     buffer_size = 0
     output_size = 0
 
     async def write_headers(self, status_line: str, headers: Any) -> None:
-        return None
+        from aiohttp.http_writer import _serialize_headers
+
+        self.output_size += len(_serialize_headers(status_line, headers))
 
     async def write(self, data: Any) -> None:
         return None

@@ -1,13 +1,15 @@
 """The cost ledger: server CPU µs per request of each piece of lunamon's request path,
 today and in the first release (e7e0697), each measured by switching that one piece off.
 
-``python -m benchmarks.bench_ledger [--rounds N] [--processes P] [--first REV]`` unpacks
+``python -m benchmarks.bench_ledger [--wrk] [--rounds N] [--processes P] [--first REV]`` unpacks
 the first release (``git archive``, its packages renamed so that it imports beside this
 one), then starts P server processes (``benchmarks._ledger_server``), each serving every
 variant on its own port: bare aiohttp, prometheus_client's middleware, and for each tree
-lunamon's hello-world middleware whole and once per piece switched off. Each round loads,
-in every process, each pair (whole, piece off) and (bare, X) with wrk in four windows in a
-row, A B B A, reading the process's CPU time around each. A piece's cost is the median,
+lunamon's hello-world middleware whole and once per piece switched off. By default every
+app serves mocked requests in its process, in turn, many short batches, each variant's
+figure its best batch (noise only adds). With ``--wrk`` each round loads, in every
+process, each pair (whole, piece off) and (bare, X) with wrk in four windows in a row,
+A B B A, reading the process's CPU time around each. A piece's cost is the median,
 over rounds and processes, of whole minus piece off; pieces interact (switching the point
 off also shrinks what is buffered and encoded), so the rows do not add up to the total
 exactly.
@@ -64,10 +66,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--first", default=FIRST_RELEASE, help="the release to compare with")
     parser.add_argument("--raw", action="store_true", help="also print every load's figure")
     parser.add_argument(
-        "--in-process",
-        action="store_true",
-        help="no wrk: each app serves mocked requests in its process (aiohttp's _handle,"
-        " prepare, write_eof), the best of many batches",
+        "--wrk",
+        dest="in_process",
+        action="store_false",
+        help="load the servers with wrk (pairs A B B A) instead of serving mocked requests"
+        " in process (aiohttp's _handle, prepare, write_eof; the best of many batches)",
     )
     parser.add_argument("--requests", type=int, default=4000, help="per in-process batch")
     parser.add_argument(
