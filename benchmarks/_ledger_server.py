@@ -54,8 +54,8 @@ _ROUTE_FIRST: Final = _ROUTE_CURRENT
 _ROUTE_OFF: Final = "        route = self._ledger_route\n"
 _ID_LINES: Final = (
     "        request_id = request.headers.get(header)\n"
-    "        if request_id is None or not {check}(request_id):\n"
-    "            request_id = {new}(start_ns // 1_000_000_000)\n"
+    "        if request_id is None or not _plausible_request_id(request_id):\n"
+    "            request_id = new_request_id(start_ns // 1_000_000_000)\n"
 )
 _POINT_OFF: Final = "        self.monitoring.emit(self._ledger_point)\n"
 _RECORD_FIRST: Final = (
@@ -63,11 +63,6 @@ _RECORD_FIRST: Final = (
     '        emit(_new_point(Point, ("request", start_ns, tags, fields)))\n',
 )
 
-_CONTEXT_OFF: Final[list[Edit]] = [
-    ("collector = RequestCollector(route.name, request_id)", "collector = self._ledger_collector"),
-    ("token = current.set(collector)", "token = None"),
-    ("current.reset(token)", "pass"),
-]
 
 PIECES: Final[dict[str, str]] = {
     "none": "nothing (a second copy of the whole: the noise floor of the other rows)",
@@ -85,34 +80,17 @@ PIECES: Final[dict[str, str]] = {
 EDITS: Final[dict[str, dict[str, Edits | None]]] = {
     "current": {
         "route": {"run": [(_ROUTE_CURRENT, _ROUTE_OFF)]},
+        # The point time, the id, the collector and the context variable are one compiled
+        # call (_speedups.begin): what can be switched off around it is below; "context"
+        # is inside it.
         "time": {
             "run": [
-                (
-                    ["start_ns = self._start_ns()", "start_ns = _point_time(time.time_ns())"],
-                    "start_ns = 1_764_979_200_000_000_000",
-                ),
-                (
-                    "collector.started = start = time.perf_counter()",
-                    "collector.started = start = 1.0",
-                ),
-                (
-                    "elapsed = (collector.ended or time.perf_counter()) - start",
-                    "elapsed = 0.001",
-                ),
+                ("time.time_ns(), current", "1_764_979_200_000_000_000, current"),
+                ("elapsed = (collector.ended or time.perf_counter()) - start", "elapsed = 0.001"),
             ]
         },
-        "request_id": {
-            "run": [
-                (
-                    [
-                        _ID_LINES.format(check="plausible_request_id", new="new_request_id"),
-                        _ID_LINES.format(check="plausible_request_id", new="_request_id"),
-                    ],
-                    f"        request_id = {_ID}\n",
-                )
-            ]
-        },
-        "context": {"run": [*_CONTEXT_OFF, ("or _current_get() is not None:", "or False:")]},
+        "request_id": {"run": [("request.headers.get(header), ", f"{_ID}, ")]},
+        "context": None,
         "point": {"run": [("point := _request_point(", "point := self._ledger_point_of(")]},
         "echo": {"run": [("response.headers[header] = request_id", "pass")]},
         "prepare": {"run": [("if after or _EXPECT in request.headers:", "if after:")]},
@@ -129,15 +107,17 @@ EDITS: Final[dict[str, dict[str, Edits | None]]] = {
                 ("elapsed = time.perf_counter() - start", "elapsed = 0.001"),
             ]
         },
-        "request_id": {
+        "request_id": {"run": [(_ID_LINES, f"        request_id = {_ID}\n")]},
+        "context": {
             "run": [
                 (
-                    _ID_LINES.format(check="_plausible_request_id", new="new_request_id"),
-                    f"        request_id = {_ID}\n",
-                )
+                    "collector = RequestCollector(route.name, request_id)",
+                    "collector = self._ledger_collector",
+                ),
+                ("token = current.set(collector)", "token = None"),
+                ("current.reset(token)", "pass"),
             ]
         },
-        "context": {"run": _CONTEXT_OFF},
         "point": {"_record": [(_RECORD_FIRST, _POINT_OFF)]},
         "echo": {"run": [("response.headers[header] = request_id", "pass")]},
         "prepare": None,  # the first release had no prepare hook

@@ -39,7 +39,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import Final
 
 try:
@@ -48,6 +47,7 @@ except ImportError:  # pragma: no cover - not POSIX: slots are drawn, not locked
     fcntl = None  # type: ignore[assignment]
 
 from lunamon._log import logger
+from lunamon.point import compiled_speedups
 
 MAX_REQUEST_ID_LENGTH: Final = 128
 
@@ -74,21 +74,7 @@ def _new_id_source() -> None:
         _core.set_id_source(_id_prefix, start)
 
 
-def _compiled_core() -> ModuleType | None:
-    """``lunamon._speedups`` when built and ``LUNAMON_PURE_PYTHON`` is not set: it gives
-    point times and request ids (the functions below are its reference)."""
-    from lunamon.point import pure_python_requested
-
-    if pure_python_requested():
-        return None
-    try:
-        from lunamon import _speedups
-    except ImportError:
-        return None
-    return _speedups
-
-
-_core = _compiled_core()
+_core = compiled_speedups()  # point times and ids, compiled (the functions below: the reference)
 
 
 # The slot: -1 until the first point claims one (and again in a forked child).

@@ -578,14 +578,11 @@ static char id_prefix[40];
 static Py_ssize_t id_prefix_length = 0;
 static unsigned long long id_counter = 0;
 
-/* point_time(now_ns) -> int: now's quantum (or the next free one), then the slot. */
-static PyObject *
-point_time(PyObject *self, PyObject *arg)
+/* The point time for now (ns): now's quantum (or the next free one), then the slot; -1
+ * with an exception set when the slot cannot be claimed. */
+static long long
+next_point_time(long long now)
 {
-    long long now = PyLong_AsLongLong(arg);
-    if (now == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
     long long quantum = now >= 0 ? now / QUANTUM_NS : -((-now + QUANTUM_NS - 1) / QUANTUM_NS);
     if (quantum <= last_quantum) {
         quantum = last_quantum + 1;
@@ -594,20 +591,32 @@ point_time(PyObject *self, PyObject *arg)
     if (point_slot < 0) {
         if (claim == NULL) {
             PyErr_SetString(PyExc_RuntimeError, "lunamon._speedups: configure_ids() first");
-            return NULL;
+            return -1;
         }
         PyObject *slot = PyObject_CallNoArgs(claim);
         if (slot == NULL) {
-            return NULL;
+            return -1;
         }
         long long value = PyLong_AsLongLong(slot);
         Py_DECREF(slot);
         if (value == -1 && PyErr_Occurred()) {
-            return NULL;
+            return -1;
         }
         point_slot = value;
     }
-    return PyLong_FromLongLong(quantum * QUANTUM_NS + point_slot);
+    return quantum * QUANTUM_NS + point_slot;
+}
+
+/* point_time(now_ns) -> int: now's quantum (or the next free one), then the slot. */
+static PyObject *
+point_time(PyObject *self, PyObject *arg)
+{
+    long long now = PyLong_AsLongLong(arg);
+    if (now == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long time = next_point_time(now);
+    return time == -1 && PyErr_Occurred() ? NULL : PyLong_FromLongLong(time);
 }
 
 /* set_last_quantum(n): the shared state, set (tests turn the clock back with it). */
@@ -665,7 +674,9 @@ set_id_source(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* request_id(seconds) -> str, as lunamon._ids._new_request_id writes it. */
+static PyObject *new_id(long long seconds);
+
+/* request_id(seconds) -> str, as lunamon._ids._request_id writes it. */
 static PyObject *
 request_id(PyObject *self, PyObject *arg)
 {
@@ -673,12 +684,218 @@ request_id(PyObject *self, PyObject *arg)
     if (seconds == -1 && PyErr_Occurred()) {
         return NULL;
     }
+    return new_id(seconds);
+}
+
+static PyObject *
+new_id(long long seconds)
+{
     char text[96];
     int length = snprintf(text, 32, "%lld,", seconds);
     memcpy(text + length, id_prefix, (size_t)id_prefix_length);
     length += (int)id_prefix_length;
     length += snprintf(text + length, 16, "%012llx", id_counter++ & 0xFFFFFFFFFFFFULL);
     return PyUnicode_FromStringAndSize(text, length);
+}
+
+/* ------------------------------------------------------------------ the collector
+ *
+ * CollectorCore: the fields of lunamon.collector.RequestCollector (which subclasses it
+ * and adds the methods), made in one call by begin(), which also reads the clocks, makes
+ * or keeps the request id and sets the context variable: the prologue of
+ * RequestRecorder.run. lunamon.collector._CollectorFields and lunamon._recorder._py_begin
+ * are the pure-Python reference. */
+
+#include <structmember.h>
+#include <time.h>
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *route;
+    PyObject *request_id;
+    PyObject *steps;
+    PyObject *extra_tags;   /* NULL reads as None */
+    PyObject *extra_fields;
+    PyObject *sent_status;
+    PyObject *token;
+    double started;
+    double ended;
+    long long start_ns;
+} CollectorCore;
+
+static PyMemberDef collector_members[] = {
+    {"route", T_OBJECT, offsetof(CollectorCore, route), 0, NULL},
+    {"request_id", T_OBJECT, offsetof(CollectorCore, request_id), 0, NULL},
+    {"steps", T_OBJECT, offsetof(CollectorCore, steps), 0, NULL},
+    {"extra_tags", T_OBJECT, offsetof(CollectorCore, extra_tags), 0, NULL},
+    {"extra_fields", T_OBJECT, offsetof(CollectorCore, extra_fields), 0, NULL},
+    {"sent_status", T_OBJECT, offsetof(CollectorCore, sent_status), 0, NULL},
+    {"_token", T_OBJECT, offsetof(CollectorCore, token), 0, NULL},
+    {"started", T_DOUBLE, offsetof(CollectorCore, started), 0, NULL},
+    {"ended", T_DOUBLE, offsetof(CollectorCore, ended), 0, NULL},
+    {"_start_ns", T_LONGLONG, offsetof(CollectorCore, start_ns), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static int
+collector_traverse(CollectorCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->route);
+    Py_VISIT(self->request_id);
+    Py_VISIT(self->steps);
+    Py_VISIT(self->extra_tags);
+    Py_VISIT(self->extra_fields);
+    Py_VISIT(self->sent_status);
+    Py_VISIT(self->token);
+    /* Not the type: a heap subclass's subtype_traverse visits it (this type is static). */
+    return 0;
+}
+
+static int
+collector_clear(CollectorCore *self)
+{
+    Py_CLEAR(self->route);
+    Py_CLEAR(self->request_id);
+    Py_CLEAR(self->steps);
+    Py_CLEAR(self->extra_tags);
+    Py_CLEAR(self->extra_fields);
+    Py_CLEAR(self->sent_status);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
+static void
+collector_dealloc(CollectorCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    collector_clear(self);
+    /* A heap subclass's subtype_dealloc, which called this, drops its type reference. */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A collector of type `type` for (route, request_id), its other fields empty. */
+static CollectorCore *
+collector_make(PyTypeObject *type, PyObject *route, PyObject *request_id)
+{
+    CollectorCore *self = (CollectorCore *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->steps = PyDict_New();
+    if (self->steps == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->route = Py_NewRef(route);
+    self->request_id = Py_NewRef(request_id);
+    return self;
+}
+
+static PyObject *
+collector_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"route", "request_id", NULL};
+    PyObject *route, *request_id;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO", names, &route, &request_id)) {
+        return NULL;
+    }
+    return (PyObject *)collector_make(type, route, request_id);
+}
+
+static PyTypeObject CollectorCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lunamon._speedups.CollectorCore",
+    .tp_basicsize = sizeof(CollectorCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fields of a RequestCollector (lunamon.collector), compiled.",
+    .tp_traverse = (traverseproc)collector_traverse,
+    .tp_clear = (inquiry)collector_clear,
+    .tp_dealloc = (destructor)collector_dealloc,
+    .tp_members = collector_members,
+    .tp_new = collector_new,
+};
+
+/* A client's id may be kept: 1-128 printable ASCII characters (_ids.plausible_request_id). */
+static int
+plausible(PyObject *value)
+{
+    if (!PyUnicode_Check(value) || !PyUnicode_IS_ASCII(value)) {
+        return 0;
+    }
+    Py_ssize_t length = PyUnicode_GET_LENGTH(value);
+    if (length < 1 || length > 128) {
+        return 0;
+    }
+    const Py_UCS1 *text = PyUnicode_1BYTE_DATA(value);
+    for (Py_ssize_t i = 0; i < length; i++) {
+        if (text[i] < 0x20 || text[i] > 0x7e) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* perf_counter(), as time.perf_counter() reads it on Linux: CLOCK_MONOTONIC in seconds. */
+static double
+perf_counter(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)((long long)now.tv_sec * 1000000000LL + now.tv_nsec) / 1e9;
+}
+
+/* begin(collector_type, route, header_value, now_ns, context_var) -> collector
+ * A monitored request starts: its point time (from now_ns), its id (the client's when
+ * plausible, else a new one from the point time's second), its collector (started now,
+ * _start_ns, _token) set in context_var. */
+static PyObject *
+begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "begin() takes 5 arguments");
+        return NULL;
+    }
+    PyObject *type = args[0], *header = args[2], *var = args[4];
+    if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &CollectorCoreType)
+        || !PyContextVar_CheckExact(var)) {
+        PyErr_SetString(PyExc_TypeError, "begin(): a CollectorCore type and a ContextVar");
+        return NULL;
+    }
+    long long now = PyLong_AsLongLong(args[3]);
+    if (now == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long start_ns = next_point_time(now);
+    if (start_ns == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *id;
+    if (header != Py_None && plausible(header)) {
+        id = Py_NewRef(header);
+    }
+    else {
+        long long seconds = start_ns / 1000000000LL;
+        if (start_ns < 0 && start_ns % 1000000000LL) {
+            seconds -= 1; /* floor, as Python's // */
+        }
+        id = new_id(seconds);
+        if (id == NULL) {
+            return NULL;
+        }
+    }
+    CollectorCore *collector = collector_make((PyTypeObject *)type, args[1], id);
+    Py_DECREF(id);
+    if (collector == NULL) {
+        return NULL;
+    }
+    collector->start_ns = start_ns;
+    collector->token = PyContextVar_Set(var, (PyObject *)collector);
+    if (collector->token == NULL) {
+        Py_DECREF(collector);
+        return NULL;
+    }
+    collector->started = perf_counter();
+    return (PyObject *)collector;
 }
 
 static PyObject *str_request_id = NULL;     /* "request_id" */
@@ -783,6 +1000,8 @@ static PyMethodDef methods[] = {
     {"set_id_source", set_id_source, METH_VARARGS,
      "set_id_source(prefix, counter): the random prefix and next counter of request ids."},
     {"request_id", request_id, METH_O, "request_id(seconds) -> str: a new request id."},
+    {"begin", (PyCFunction)(void (*)(void))begin, METH_FASTCALL,
+     "begin(collector_type, route, header_value, now_ns, context_var) -> collector."},
     {"request_point", (PyCFunction)(void (*)(void))request_point, METH_FASTCALL,
      "request_point(point_type, tag_sets, params, match_info, status, start_ns, request_id,"
      " elapsed, steps) -> Point | None."},
@@ -823,5 +1042,18 @@ PyInit__speedups(void)
         || (str_request = PyUnicode_InternFromString("request")) == NULL) {
         return NULL;
     }
-    return PyModule_Create(&module_def);
+    if (PyType_Ready(&CollectorCoreType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&CollectorCoreType);
+    if (PyModule_AddObject(module, "CollectorCore", (PyObject *)&CollectorCoreType) < 0) {
+        Py_DECREF(&CollectorCoreType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

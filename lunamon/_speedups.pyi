@@ -28,3 +28,25 @@ def request_point(
     steps: dict[str, float],
     /,
 ) -> Point | None: ...
+
+class CollectorCore:
+    route: str
+    request_id: str
+    steps: dict[str, float]
+    extra_tags: dict[str, str] | None
+    extra_fields: dict[str, Any] | None
+    sent_status: int | None
+    started: float
+    ended: float
+    _start_ns: int
+    _token: Any
+    def __init__(self, route: str, request_id: str) -> None: ...
+
+def begin(
+    collector_type: Any,
+    route: str,
+    header_value: str | None,
+    now_ns: int,
+    context_var: Any,
+    /,
+) -> Any: ...

@@ -15,10 +15,10 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import Executor
 from contextvars import ContextVar
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from lunamon._validation import validate_field_value, validate_key, validate_tag_value
-from lunamon.point import FieldValue
+from lunamon.point import FieldValue, compiled_speedups
 
 __all__ = [
     "RequestCollector",
@@ -33,10 +33,13 @@ T = TypeVar("T")
 NS_EXACT_BELOW: Final = 4e6
 
 
-class RequestCollector:
-    """Tags, fields and step times of the request being served."""
+class _CollectorFields:
+    """A collector's fields, in Python: the reference of the compiled ``CollectorCore``
+    (``lunamon._speedups``), which ``RequestCollector`` subclasses when it is built."""
 
     __slots__ = (
+        "_start_ns",
+        "_token",
         "ended",
         "extra_fields",
         "extra_tags",
@@ -59,6 +62,21 @@ class RequestCollector:
         # perf_counter() when the response was ready (0.0: not yet known); execution_time
         # and the Server-Timing total both end there.
         self.ended = 0.0
+        self._start_ns = 0  # the point's time (set by the recorder)
+        self._token: contextvars.Token[Any] | None = None  # the recorder's, to reset
+
+
+if TYPE_CHECKING:
+    _Fields = _CollectorFields
+else:  # the compiled fields when built (made in one call by the recorder: _speedups.begin)
+    _core = compiled_speedups()
+    _Fields = _core.CollectorCore if _core is not None else _CollectorFields
+
+
+class RequestCollector(_Fields):
+    """Tags, fields and step times of the request being served."""
+
+    __slots__ = ()
 
     def add_step(self, name: str, seconds: float) -> None:
         """Add ``seconds`` to step ``name`` (a step timed twice is summed), to the ns."""

@@ -14,6 +14,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any, Final
 
 from lunamon._validation import (
@@ -246,14 +247,24 @@ def pure_python_requested() -> bool:
     return os.environ.get("LUNAMON_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _compiled_encoders() -> tuple[Encoder, LineEncoder] | None:
-    """``lunamon._speedups``' encoders when it was built (and ``LUNAMON_PURE_PYTHON`` is
-    not set), wired to this module's caches and escaping; else None."""
+def compiled_speedups() -> ModuleType | None:
+    """``lunamon._speedups`` when it was built and ``LUNAMON_PURE_PYTHON`` is not set, else
+    None: the encoder here, point times and ids (``_ids``), the collector's fields and the
+    recorder's core (``collector``, ``_recorder``) use it then."""
     if pure_python_requested():
         return None
     try:
         from lunamon import _speedups
     except ImportError:
+        return None
+    return _speedups
+
+
+def _compiled_encoders() -> tuple[Encoder, LineEncoder] | None:
+    """``lunamon._speedups``' encoders when it was built (and ``LUNAMON_PURE_PYTHON`` is
+    not set), wired to this module's caches and escaping; else None."""
+    _speedups = compiled_speedups()
+    if _speedups is None:
         return None
     _speedups.configure(sys.modules[__name__])
     return _speedups.encode_lines, _speedups.encode_line

@@ -6,11 +6,14 @@ when it is missing. ``LUNAMON_PURE_PYTHON=1`` switches back to the Python encode
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import os
 import subprocess
 import sys
+import time
 import uuid
+import weakref
 from typing import Any
 
 import pytest
@@ -20,10 +23,11 @@ from test_point import _field_value, _key, _series, _text
 
 import lunamon.point as point_module
 from lunamon import Point, _ids, _speedups, encode_lines
-from lunamon._recorder import _py_request_point
+from lunamon._recorder import _py_begin, _py_request_point
 from lunamon._speedups import encode_line as compiled_line
 from lunamon._speedups import encode_lines as compiled
 from lunamon._speedups import float_repr
+from lunamon.collector import RequestCollector
 from lunamon.point import FieldValue, TagSet, _encode, _encode_lines
 
 
@@ -47,10 +51,11 @@ def test_a_normal_install_encodes_with_the_compiled_encoder() -> None:
 def test_lunamon_pure_python_switches_the_compiled_encoder_and_orjson_off() -> None:
     code = (
         "import lunamon.point as p, lunamon.sinks.clickhouse as c, lunamon._ids as i,"
-        " lunamon._recorder as r;"
+        " lunamon._recorder as r, lunamon.collector as k;"
         " print(p._encoder is p._encode_lines and p._line_encoder is p._encode,"
         " c._orjson is None, i.point_time is i._point_time and i.request_id is i._request_id,"
-        " r._request_point is r._py_request_point)"
+        " r._request_point is r._py_request_point and r._begin is r._py_begin"
+        " and k.RequestCollector.__base__ is k._CollectorFields)"
     )
     cases: list[tuple[str | None, str]] = [
         ("1", "True"),
@@ -301,3 +306,69 @@ def test_request_point_leaves_shapes_not_its_own_to_the_python_path() -> None:
         _speedups.request_point(dict, tags, (), {}, 200, 1, "i", 0.5, {})  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _speedups.request_point(*(Point, tags))  # type: ignore[call-arg]
+
+
+def test_the_compiled_begin_is_the_python_one() -> None:
+    """A request's start: point time, id (the client's when plausible), collector, context."""
+    var: contextvars.ContextVar[Any] = contextvars.ContextVar("t", default=None)
+    held = _ids.current_slot()
+    try:
+        for header in (None, "mine-1", "", "x" * 129, "bad\nid", "é", "x" * 128, " ~"):
+            made = []
+            for begin in (_speedups.begin, _py_begin):
+                _ids._set_clock(0, 77)
+                before = time.perf_counter()
+                collector = begin(RequestCollector, "GET:/r", header, 5_000_000_001_234, var)
+                assert before <= collector.started <= time.perf_counter()
+                assert var.get() is collector
+                var.reset(collector._token)
+                assert var.get() is None
+                made.append(collector)
+            compiled, python = made
+            assert type(compiled) is type(python) is RequestCollector
+            assert compiled._start_ns == python._start_ns == 5_000_000_000_077
+            assert compiled.route == python.route == "GET:/r"
+            text = header or ""
+            if 0 < len(text) <= 128 and text.isascii() and text.isprintable():
+                assert compiled.request_id == python.request_id == header
+            else:
+                assert compiled.request_id.startswith("5000," + _ids._id_prefix)
+                assert python.request_id.startswith("5000," + _ids._id_prefix)
+            for collector in made:
+                assert collector.steps == {}
+                assert (
+                    collector.extra_tags is collector.extra_fields is collector.sent_status is None
+                )
+                assert collector.ended == 0.0
+    finally:
+        _ids._set_clock(0, held)
+    with pytest.raises(TypeError):
+        _speedups.begin(dict, "GET:/r", None, 1, var)
+    with pytest.raises(TypeError):
+        _speedups.begin(RequestCollector, "GET:/r", None, 1, "not a context variable")
+
+
+class _Marker:
+    """Something a weak reference can follow."""
+
+
+def test_compiled_collectors_are_collected_and_keep_their_type_alive() -> None:
+    """The fields type is static, RequestCollector a heap subclass: no reference of the
+    type is lost or kept per collector, and a cycle through a collector is collected."""
+    before = sys.getrefcount(RequestCollector)
+    for _ in range(2000):
+        collector = RequestCollector("GET:/r", "id")
+        cycle: Any = {"me": collector}
+        collector.extra_fields = cycle  # a cycle through the collector
+    del collector, cycle
+    gc.collect()
+    assert sys.getrefcount(RequestCollector) == before
+    probe = RequestCollector("GET:/r", "id")
+    marker = _Marker()
+    ref = weakref.ref(marker)
+    cycle = {"me": probe, "marker": marker}
+    probe.extra_fields = cycle
+    del cycle, marker
+    del probe
+    gc.collect()
+    assert ref() is None
