@@ -77,10 +77,16 @@ def test_the_same_demo_data_gives_the_same_report_from_file_influxdb_and_clickho
     from_clickhouse = _report(capsys, "--clickhouse", clickhouse.url, "--database", db)
     assert from_file["requests"] == 300
     assert from_file["errors"] > 0
-    assert from_clickhouse == from_file  # JSON round-trips float64: exactly the same numbers
+    # ClickHouse 18.16's JSON float parser is off by an ulp for about 1 value in 500 (37 of
+    # 20,000 random doubles below 0.01 read back differently, 51 of 20,000 whole-ns ones):
+    # sums and means agree to 1e-12, counts exactly.
+    assert _same(from_clickhouse, from_file)
+    assert [r["requests"] for r in from_clickhouse["routes"]] == [
+        r["requests"] for r in from_file["routes"]
+    ]
     assert _same(from_influx, from_file)
     # The database as the URL's path, and --since, read the same rows.
-    assert _report(capsys, "--clickhouse", house, "--since", "2h") == from_file
+    assert _report(capsys, "--clickhouse", house, "--since", "2h") == from_clickhouse
 
 
 def test_demo_straight_into_clickhouse(
