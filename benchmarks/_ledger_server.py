@@ -64,6 +64,8 @@ _RECORD_FIRST: Final = (
 )
 
 
+PYTHON_RUN: Final = "python"
+
 PIECES: Final[dict[str, str]] = {
     "none": "nothing (a second copy of the whole: the noise floor of the other rows)",
     "route": "route lookup (match_info, cached route)",
@@ -84,19 +86,22 @@ EDITS: Final[dict[str, dict[str, Edits | None]]] = {
         # call (_speedups.begin): what can be switched off around it is below; "context"
         # is inside it.
         "time": {
-            "run": [
-                ("time.time_ns(), current", "1_764_979_200_000_000_000, current"),
-                ("elapsed = (collector.ended or time.perf_counter()) - start", "elapsed = 0.001"),
-            ]
+            "run": [("time.time_ns(),", "1_764_979_200_000_000_000,")],
+            "_end": [
+                ("elapsed = (collector.ended or time.perf_counter()) - start", "elapsed = 0.001")
+            ],
         },
-        "request_id": {"run": [("request.headers.get(header), ", f"{_ID}, ")]},
+        "request_id": {"run": [("request.headers.get(self.request_id_header),", f"{_ID},")]},
         "context": None,
-        "point": {"run": [("point := _request_point(", "point := self._ledger_point_of(")]},
-        "echo": {"run": [("response.headers[header] = request_id", "pass")]},
-        "prepare": {"run": [("if after or _EXPECT in request.headers:", "if after:")]},
+        "point": {"_end": [("point := _request_point(", "point := self._ledger_point_of(")]},
+        "echo": {"_end": [("response.headers[header] = request_id", "pass")]},
+        "prepare": {"_end": [("if after or _EXPECT in request.headers:", "if after:")]},
         "emit": {},
         "encode": {},
         "none": {},
+        # Not a piece: today's whole with run in Python (the compiled runner off), the
+        # whole that today's pieces are switched off from (they are edits of that Python).
+        PYTHON_RUN: {},
     },
     "first": {
         "route": {"run": [(_ROUTE_FIRST, _ROUTE_OFF)]},
@@ -209,7 +214,7 @@ class _Tree:
             resource = next(iter(app.router.resources()))
             recorder._ledger_route = recorder._route("POST", resource)
         if piece == "prepare":
-            app.on_response_prepare.remove(recorder.on_response_prepare)
+            app.on_response_prepare.remove(recorder.prepare_hook)
         if piece == "emit":
             app[self.lunamon.MONITORING_KEY].emit = lambda point: None
         if piece == "encode":
@@ -227,7 +232,7 @@ def build(variant: str, trees: dict[str, _Tree]) -> web.Application:
         app: web.Application = trees["today"].server.build_app(variant)[0]
         return app
     kind, _, piece = variant.partition("-")
-    if kind not in trees or (piece and piece not in PIECES):
+    if kind not in trees or (piece and piece not in EDITS["current"]):
         raise LedgerError(f"unknown variant {variant!r}")
     return trees[kind].app(piece)
 

@@ -29,12 +29,13 @@ from statistics import median
 from typing import Any, Final
 
 from benchmarks._common import PYTHON, REPO, base_parser, fmt_float, markdown_table
-from benchmarks._ledger_server import EDITS, PIECES
+from benchmarks._ledger_server import EDITS, PIECES, PYTHON_RUN
 from benchmarks.bench_service import SERVER_PIN, run_wrk, server_cpu_seconds, unpack_tree
 
 __all__ = ["main", "unpack_first"]
 
 FIRST_RELEASE: Final = "e7e0697"
+TODAY_PYTHON: Final = f"today-{PYTHON_RUN}"
 PATH: Final = "/handlers/3f0c6b1e-9d1a-4c55-8d0b-5b8a3c2e1f00/events"
 
 
@@ -85,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     variants = ["bare", "prometheus"]
     for tree, kind in (("today", "current"), ("first", "first")):  # a whole, then its pieces
         variants.append(tree)
+        if tree == "today":
+            variants.append(TODAY_PYTHON)
         variants += [f"{tree}-{p}" for p in pieces if EDITS[kind][p] is not None]
     us: dict[str, list[float]] = {v: [] for v in variants}
     gc_us: dict[str, list[float]] = {v: [] for v in variants}
@@ -124,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 duos = []
             else:
                 duos = [("bare", "prometheus"), ("bare", "today"), ("bare", "first")]
-                duos += [(v.split("-")[0], v) for v in variants if "-" in v]
+                duos.append(("bare", TODAY_PYTHON))
+                duos += [(_whole_of(v), v) for v in variants if "-" in v and v != TODAY_PYTHON]
             # (reference, other): each pair is loaded A B B A (B A A B the next round) in one
             # process, four windows in a row, so that the machine's drift over the run
             # (several per cent from one minute to the next here) cancels within the pair.
@@ -167,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(variant, " ".join(f"{value:.1f}" for value in values))
 
 
+def _whole_of(variant: str) -> str:
+    """The variant a piece is switched off from: today's pieces are edits of the Python run
+    (the compiled runner has no source to edit), the first release's of its whole."""
+    tree = variant.split("-")[0]
+    return TODAY_PYTHON if tree == "today" else tree
+
+
 def _in_process(
     args: Any,
     procs: list[subprocess.Popen[str]],
@@ -190,8 +201,8 @@ def _in_process(
                 best[process][variant] = min(best[process].get(variant, ns), ns)
     for figures in best:
         for variant in variants:
-            if "-" in variant:
-                whole = variant.split("-")[0]
+            if "-" in variant and variant != TODAY_PYTHON:
+                whole = _whole_of(variant)
                 pairs.setdefault(variant, []).append((figures[whole] - figures[variant]) / 1000)
             elif variant != "bare":
                 pairs.setdefault(variant, []).append((figures[variant] - figures["bare"]) / 1000)
@@ -219,6 +230,13 @@ def _report(
             ]
         )
     rows.append(["**whole middleware over bare aiohttp**", cell("today"), cell("first")])
+    rows.append(
+        [
+            "whole, run in Python (the compiled runner off; the pieces' whole)",
+            cell(TODAY_PYTHON),
+            "",
+        ]
+    )
     rows.append(["prometheus_client middleware over bare aiohttp", cell("prometheus"), ""])
     first = getattr(args, "first", FIRST_RELEASE)
     where = "in process (mocked requests)" if getattr(args, "in_process", False) else "server"

@@ -17,9 +17,10 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Generator
 from contextvars import ContextVar
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from multidict import istr
 
 from lunamon import _ids
@@ -119,6 +120,21 @@ class RequestRecorder:
         self._timing_secret = Secret(value.strip()) if value.strip() else None
         self._timing_allow = server_timing_allow
         self._log = RateLimitedLogger()
+        # What setup() installs as the middleware and @monitor_request calls: run, or its
+        # compiled twin when the extension is built (it reads the settings above once).
+        self.middleware: Middleware = self.run
+        # And the on_response_prepare receiver: compiled, it answers at once where there is
+        # nothing to do (most responses), and calls on_response_prepare otherwise.
+        self.prepare_hook: Callable[[web.Request, web.StreamResponse], Any] = (
+            self.on_response_prepare
+        )
+        if _compiled is not None:
+            self.middleware = _compiled.Runner(
+                self, RequestCollector, current, _finished, _EXPECT, web.Response, Point, time
+            )
+            self.prepare_hook = _compiled.PrepareGate(
+                self.on_response_prepare, current, _finished, _EXPECT
+            )
 
     def _route(self, method: str, resource: Any) -> _Route:
         if method not in _KNOWN_METHODS:
@@ -153,11 +169,37 @@ class RequestRecorder:
             route = self._route(method, resource)
         if route.excluded or _current_get() is not None:  # excluded, or monitored already
             return await handler(request)
-        header = self.request_id_header
         # The point's time, the request id, the collector, set in `current`: one call.
         collector = _begin(
-            RequestCollector, route.name, request.headers.get(header), time.time_ns(), current
+            RequestCollector,
+            route.name,
+            request.headers.get(self.request_id_header),
+            time.time_ns(),
+            current,
         )
+        try:
+            response = await handler(request)
+        except BaseException as exc:
+            return self._end(request, route, collector, None, exc)
+        return self._end(request, route, collector, response, None)
+
+    # aiohttp's own marking, applied by a call rather than as a decorator: mutmut (make
+    # mutate) leaves decorated functions alone, and this is the heart of the recorder.
+    run = web.middleware(run)
+
+    def _end(
+        self,
+        request: web.Request,
+        route: _Route,
+        collector: RequestCollector,
+        response: web.StreamResponse | None,
+        error: BaseException | None,
+    ) -> web.StreamResponse:
+        """The rest of :meth:`run` once the handler returned ``response`` or raised ``error``
+        (raised again here): the status, the echoed id, the point. The compiled runner
+        (``lunamon._speedups.Runner``) does the common case itself and calls this for
+        every other."""
+        header = self.request_id_header
         request_id = collector.request_id
         start_ns = collector._start_ns
         token = collector._token
@@ -167,7 +209,10 @@ class RequestRecorder:
         raised = False  # the handler failed (not an HTTPException, not the client leaving)
         after = False  # aiohttp prepares a response after the handler: see it there
         try:
-            response = await handler(request)
+            if error is not None:
+                raise error
+            # A handler that returned something else (None) fails below, as it would have.
+            response = cast(web.StreamResponse, response)
             outcome = response
             if response.prepared:  # a stream or a websocket: its status went out already
                 status = collector.sent_status or response.status
@@ -254,11 +299,11 @@ class RequestRecorder:
                     # shared tags, fields of lunamon's own, one point
                     self.monitoring.emit(point)
             except Exception as exc:  # monitoring never breaks the request
-                self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
+                self._record_failed(exc)
 
-    # aiohttp's own marking, applied by a call rather than as a decorator: mutmut (make
-    # mutate) leaves decorated functions alone, and this is the heart of the recorder.
-    run = web.middleware(run)
+    def _record_failed(self, exc: BaseException) -> None:
+        """A request whose record failed: logged (rate-limited); the request goes on."""
+        self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
 
     def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> Any:
         """aiohttp's ``on_response_prepare`` hook: the status about to be sent, and the
@@ -335,7 +380,7 @@ class RequestRecorder:
             collector.sent_status = response.status
             self._record(request, route, collector, start_ns, 0.0, response.status, response, False)
         except Exception as exc:  # monitoring never breaks the request
-            self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
+            self._record_failed(exc)
 
     def _record_after(
         self,
@@ -360,7 +405,7 @@ class RequestRecorder:
         try:
             self._record(request, route, collector, start_ns, elapsed, status, outcome, raised)
         except Exception as exc:  # monitoring never breaks the request
-            self._log.log("error", "record_failed", key="record", error=repr(exc)[:1024])
+            self._record_failed(exc)
 
     def _record(
         self,
@@ -470,6 +515,8 @@ def _py_begin(
 
 _request_point: Callable[..., Point | None] = _py_request_point
 _begin: Callable[..., RequestCollector] = _py_begin
+# RequestRecorder.run and its prepare hook compiled (Runner, PrepareGate), when built.
+_compiled = _ids._core
 if _ids._core is not None:
     _request_point = _ids._core.request_point
     _begin = _ids._core.begin

@@ -25,6 +25,55 @@
 #include <math.h>
 #include <string.h>
 
+/* Decimal and hexadecimal digits written by hand: snprintf parses its format on every
+ * call, and was a tenth of the compiled code's time per request. */
+static int
+write_unsigned(char *out, unsigned long long value)
+{
+    char reversed[24];
+    int n = 0;
+    do {
+        reversed[n++] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value);
+    for (int i = 0; i < n; i++) {
+        out[i] = reversed[n - 1 - i];
+    }
+    return n;
+}
+
+static int
+write_signed(char *out, long long value)
+{
+    if (value < 0) {
+        out[0] = '-';
+        return 1 + write_unsigned(out + 1, 0ULL - (unsigned long long)value);
+    }
+    return write_unsigned(out, (unsigned long long)value);
+}
+
+/* value's lowest `width` hex digits, zero-padded, lower case */
+static void
+write_hex(char *out, unsigned long long value, int width)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (int i = width - 1; i >= 0; i--) {
+        out[i] = hex[value & 0xF];
+        value >>= 4;
+    }
+}
+
+/* An ASCII str of text[:length], without the UTF-8 decoder */
+static PyObject *
+ascii_str(const char *text, Py_ssize_t length)
+{
+    PyObject *result = PyUnicode_New(length, 127);
+    if (result != NULL) {
+        memcpy(PyUnicode_1BYTE_DATA(result), text, (size_t)length);
+    }
+    return result;
+}
+
 /* lunamon.point, set by configure(); its names, interned once. */
 static PyObject *point_module = NULL;
 static PyObject *head_attr = NULL;          /* "_head" */
@@ -187,7 +236,7 @@ ns_seconds(char *text, double value)
         return 0;
     }
     char digits[24];
-    int n = snprintf(digits, sizeof digits, "%lld", k);
+    int n = write_unsigned(digits, (unsigned long long)k);
     int kept = n;
     while (kept > 1 && digits[kept - 1] == '0') {
         kept--;
@@ -200,7 +249,10 @@ ns_seconds(char *text, double value)
             memcpy(text + length, digits + 1, (size_t)(kept - 1));
             length += kept - 1;
         }
-        return length + snprintf(text + length, 16, "e-%02d", 9 - (n - 1));
+        int exponent = 9 - (n - 1); /* 5..9 */
+        memcpy(text + length, "e-0", 3);
+        text[length + 3] = (char)('0' + exponent);
+        return length + 4;
     }
     if (n <= 9) { /* 0.000ddd */
         memcpy(text, "0.", 2);
@@ -351,7 +403,7 @@ add_time(Buffer *buf, PyObject *time_ns)
         long long value = PyLong_AsLongLongAndOverflow(time_ns, &overflow);
         if (!overflow && !(value == -1 && PyErr_Occurred())) {
             char text[32];
-            int length = snprintf(text, sizeof text, "%lld", value);
+            int length = write_signed(text, value);
             return buffer_add(buf, text, length);
         }
         if (PyErr_Occurred()) {
@@ -668,6 +720,12 @@ set_id_source(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "id prefix too long");
         return NULL;
     }
+    for (Py_ssize_t i = 0; i < length; i++) {
+        if ((unsigned char)prefix[i] > 127) {
+            PyErr_SetString(PyExc_ValueError, "id prefix must be ASCII");
+            return NULL;
+        }
+    }
     memcpy(id_prefix, prefix, (size_t)length);
     id_prefix_length = length;
     id_counter = counter;
@@ -691,11 +749,12 @@ static PyObject *
 new_id(long long seconds)
 {
     char text[96];
-    int length = snprintf(text, 32, "%lld,", seconds);
+    int length = write_signed(text, seconds);
+    text[length++] = ',';
     memcpy(text + length, id_prefix, (size_t)id_prefix_length);
     length += (int)id_prefix_length;
-    length += snprintf(text + length, 16, "%012llx", id_counter++ & 0xFFFFFFFFFFFFULL);
-    return PyUnicode_FromStringAndSize(text, length);
+    write_hex(text + length, id_counter++, 12);
+    return ascii_str(text, length + 12);
 }
 
 /* ------------------------------------------------------------------ the collector
@@ -848,23 +907,9 @@ perf_counter(void)
  * A monitored request starts: its point time (from now_ns), its id (the client's when
  * plausible, else a new one from the point time's second), its collector (started now,
  * _start_ns, _token) set in context_var. */
-static PyObject *
-begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static CollectorCore *
+begin_core(PyObject *type, PyObject *route, PyObject *header, long long now, PyObject *var)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "begin() takes 5 arguments");
-        return NULL;
-    }
-    PyObject *type = args[0], *header = args[2], *var = args[4];
-    if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &CollectorCoreType)
-        || !PyContextVar_CheckExact(var)) {
-        PyErr_SetString(PyExc_TypeError, "begin(): a CollectorCore type and a ContextVar");
-        return NULL;
-    }
-    long long now = PyLong_AsLongLong(args[3]);
-    if (now == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
     long long start_ns = next_point_time(now);
     if (start_ns == -1 && PyErr_Occurred()) {
         return NULL;
@@ -883,7 +928,7 @@ begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    CollectorCore *collector = collector_make((PyTypeObject *)type, args[1], id);
+    CollectorCore *collector = collector_make((PyTypeObject *)type, route, id);
     Py_DECREF(id);
     if (collector == NULL) {
         return NULL;
@@ -895,7 +940,27 @@ begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     collector->started = perf_counter();
-    return (PyObject *)collector;
+    return collector;
+}
+
+static PyObject *
+begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "begin() takes 5 arguments");
+        return NULL;
+    }
+    PyObject *type = args[0], *var = args[4];
+    if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &CollectorCoreType)
+        || !PyContextVar_CheckExact(var)) {
+        PyErr_SetString(PyExc_TypeError, "begin(): a CollectorCore type and a ContextVar");
+        return NULL;
+    }
+    long long now = PyLong_AsLongLong(args[3]);
+    if (now == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return (PyObject *)begin_core(type, args[1], args[2], now, var);
 }
 
 static PyObject *str_request_id = NULL;     /* "request_id" */
@@ -908,25 +973,13 @@ static PyObject *str_request = NULL;        /* "request" */
  * route's shared tags for (status, *path parameters), the request id, execution_time to
  * the ns and the steps. None when that tag set is not made yet (the caller makes it). */
 static PyObject *
-request_point(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+make_request_point(PyObject *point_type, PyObject *tag_sets, PyObject *params,
+                   PyObject *match_info, PyObject *status, PyObject *start_ns,
+                   PyObject *request_id, double elapsed, PyObject *steps)
 {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "request_point() takes 9 arguments");
-        return NULL;
-    }
-    PyObject *point_type = args[0], *tag_sets = args[1], *params = args[2];
-    PyObject *match_info = args[3], *status = args[4], *steps = args[8];
-    if (!PyType_Check(point_type) || !PyType_IsSubtype((PyTypeObject *)point_type, &PyTuple_Type)) {
-        PyErr_SetString(PyExc_TypeError, "request_point(): point_type must be a tuple type");
-        return NULL;
-    }
     if (!PyDict_Check(tag_sets) || !PyTuple_Check(params) || !PyDict_Check(match_info)
-        || !PyDict_Check(steps) || !PyFloat_Check(args[7])) {
+        || !PyDict_Check(steps)) {
         Py_RETURN_NONE; /* not the shapes of lunamon's own: the caller's slow path */
-    }
-    double elapsed = PyFloat_AsDouble(args[7]);
-    if (elapsed == -1.0 && PyErr_Occurred()) {
-        return NULL;
     }
     PyObject *key;
     Py_ssize_t count = PyTuple_GET_SIZE(params);
@@ -967,7 +1020,7 @@ request_point(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *seconds = PyFloat_FromDouble(elapsed);
-    if (seconds == NULL || PyDict_SetItem(fields, str_request_id, args[6]) < 0
+    if (seconds == NULL || PyDict_SetItem(fields, str_request_id, request_id) < 0
         || PyDict_SetItem(fields, str_execution_time, seconds) < 0
         || (PyDict_GET_SIZE(steps) && PyDict_Update(fields, steps) < 0)) {
         Py_XDECREF(seconds);
@@ -981,7 +1034,7 @@ request_point(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyTuple_SET_ITEM(point, 0, Py_NewRef(str_request));
-    PyTuple_SET_ITEM(point, 1, Py_NewRef(args[5]));
+    PyTuple_SET_ITEM(point, 1, Py_NewRef(start_ns));
     PyTuple_SET_ITEM(point, 2, Py_NewRef(tags));
     PyTuple_SET_ITEM(point, 3, fields);
     /* Never part of a cycle (the tags and fields hold no point): a point waiting for its
@@ -990,6 +1043,960 @@ request_point(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject_GC_UnTrack(point);
     return point;
 }
+
+static PyObject *
+request_point(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "request_point() takes 9 arguments");
+        return NULL;
+    }
+    PyObject *point_type = args[0];
+    if (!PyType_Check(point_type) || !PyType_IsSubtype((PyTypeObject *)point_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "request_point(): point_type must be a tuple type");
+        return NULL;
+    }
+    if (!PyFloat_Check(args[7])) {
+        Py_RETURN_NONE;
+    }
+    return make_request_point(point_type, args[1], args[2], args[3], args[4], args[5], args[6],
+                              PyFloat_AS_DOUBLE(args[7]), args[8]);
+}
+
+/* ------------------------------------------------------------------ the runner
+ *
+ * Runner: RequestRecorder.run compiled, the middleware setup() installs (and what
+ * @monitor_request calls). lunamon._recorder.RequestRecorder.run is the reference: the
+ * prologue (route, begin), then the handler awaited inside a Monitored, an awaitable that
+ * passes every step of the handler's coroutine through and, once it has returned a plain
+ * web.Response, does the common end itself: the status, the echoed id, the context
+ * variable reset, the point emitted. Every other outcome (an exception, a stream, a file,
+ * Server-Timing, extra tags, a failed status...) goes to RequestRecorder._end, the
+ * reference's own code, so that the two cannot drift apart there. No Python frame of
+ * lunamon's runs for a common request. */
+
+static PyObject *str_method, *str_match_info, *str_route, *str_resource, *str_excluded;
+static PyObject *str_name, *str_tag_sets, *str_params, *str_headers, *str_get;
+static PyObject *str_prepared, *str_status, *str_emit, *str_throw, *str_close, *str_time_ns;
+static PyObject *str_value, *str_handler;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *routes;         /* recorder._routes */
+    PyObject *route_of;       /* recorder._route(method, resource) */
+    PyObject *end;            /* recorder._end(request, route, collector, response, error) */
+    PyObject *record;         /* recorder._record(...) */
+    PyObject *record_failed;  /* recorder._record_failed(exc) */
+    PyObject *monitoring;     /* its emit is read per point (the spool wraps it) */
+    PyObject *header;         /* the request-id header (an istr) */
+    PyObject *failed;         /* failed_status_codes */
+    PyObject *collector_type;
+    PyObject *current;        /* lunamon.collector.current */
+    PyObject *finished;       /* lunamon._recorder._finished */
+    PyObject *expect;         /* istr("Expect") */
+    PyObject *response_type;  /* aiohttp.web.Response */
+    PyObject *point_type;
+    PyObject *time_module;    /* time.time_ns read per request, as the reference does */
+    int server_timing;
+} Runner;
+
+typedef struct {
+    PyObject_HEAD
+    Runner *runner;
+    PyObject *request;
+    PyObject *match_info;
+    PyObject *route;
+    CollectorCore *collector; /* NULL when the request is not monitored here (passthrough) */
+    PyObject *handler;        /* until the first step, which runs the prologue */
+    PyObject *inner;          /* the handler's awaitable, while it runs */
+} Monitored;
+
+static PyTypeObject MonitoredType;
+
+static int
+runner_traverse(Runner *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->routes);
+    Py_VISIT(self->route_of);
+    Py_VISIT(self->end);
+    Py_VISIT(self->record);
+    Py_VISIT(self->record_failed);
+    Py_VISIT(self->monitoring);
+    Py_VISIT(self->header);
+    Py_VISIT(self->failed);
+    Py_VISIT(self->collector_type);
+    Py_VISIT(self->current);
+    Py_VISIT(self->finished);
+    Py_VISIT(self->expect);
+    Py_VISIT(self->response_type);
+    Py_VISIT(self->point_type);
+    Py_VISIT(self->time_module);
+    return 0;
+}
+
+static int
+runner_clear(Runner *self)
+{
+    Py_CLEAR(self->routes);
+    Py_CLEAR(self->route_of);
+    Py_CLEAR(self->end);
+    Py_CLEAR(self->record);
+    Py_CLEAR(self->record_failed);
+    Py_CLEAR(self->monitoring);
+    Py_CLEAR(self->header);
+    Py_CLEAR(self->failed);
+    Py_CLEAR(self->collector_type);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->finished);
+    Py_CLEAR(self->expect);
+    Py_CLEAR(self->response_type);
+    Py_CLEAR(self->point_type);
+    Py_CLEAR(self->time_module);
+    return 0;
+}
+
+static void
+runner_dealloc(Runner *self)
+{
+    PyObject_GC_UnTrack(self);
+    runner_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *runner_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames);
+
+/* Runner(recorder, collector_type, current, finished, expect, response_type, point_type,
+ *        time_module): the recorder's settings are read once, here. */
+static PyObject *
+runner_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *recorder, *collector_type, *current, *finished, *expect, *response_type;
+    PyObject *point_type, *time_module;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO:Runner", &recorder, &collector_type, &current,
+                          &finished, &expect, &response_type, &point_type, &time_module)) {
+        return NULL;
+    }
+    if (!PyType_Check(collector_type)
+        || !PyType_IsSubtype((PyTypeObject *)collector_type, &CollectorCoreType)
+        || !PyContextVar_CheckExact(current) || !PyContextVar_CheckExact(finished)
+        || !PyType_Check(response_type) || !PyType_Check(point_type)
+        || !PyType_IsSubtype((PyTypeObject *)point_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Runner(): a CollectorCore type, two ContextVars, two types");
+        return NULL;
+    }
+    Runner *self = (Runner *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = runner_vectorcall;
+    PyObject *server_timing = NULL;
+    if ((self->routes = PyObject_GetAttrString(recorder, "_routes")) == NULL
+        || (self->route_of = PyObject_GetAttrString(recorder, "_route")) == NULL
+        || (self->end = PyObject_GetAttrString(recorder, "_end")) == NULL
+        || (self->record = PyObject_GetAttrString(recorder, "_record")) == NULL
+        || (self->record_failed = PyObject_GetAttrString(recorder, "_record_failed")) == NULL
+        || (self->monitoring = PyObject_GetAttrString(recorder, "monitoring")) == NULL
+        || (self->header = PyObject_GetAttrString(recorder, "request_id_header")) == NULL
+        || (self->failed = PyObject_GetAttrString(recorder, "failed_status_codes")) == NULL
+        || (server_timing = PyObject_GetAttrString(recorder, "server_timing")) == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    if (!PyDict_CheckExact(self->routes)) {
+        PyErr_SetString(PyExc_TypeError, "Runner(): the recorder's routes must be a dict");
+        Py_DECREF(server_timing);
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->server_timing = PyObject_IsTrue(server_timing);
+    Py_DECREF(server_timing);
+    if (self->server_timing < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->collector_type = Py_NewRef(collector_type);
+    self->current = Py_NewRef(current);
+    self->finished = Py_NewRef(finished);
+    self->expect = Py_NewRef(expect);
+    self->response_type = Py_NewRef(response_type);
+    self->point_type = Py_NewRef(point_type);
+    self->time_module = Py_NewRef(time_module);
+    return (PyObject *)self;
+}
+
+/* The exception being raised, normalized, with its traceback; the error indicator cleared. */
+static PyObject *
+fetch_exception(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value; /* never NULL: called with an exception set */
+}
+
+/* The handler raised (the exception is set): RequestRecorder._end raises it again. */
+static PyObject *
+monitored_raised(Monitored *self)
+{
+    Py_CLEAR(self->inner);
+    PyObject *error = fetch_exception();
+    PyObject *args[5] = {self->request, self->route, (PyObject *)self->collector, Py_None, error};
+    PyObject *result = PyObject_Vectorcall(self->runner->end, args, 5, NULL);
+    Py_DECREF(error);
+    return result;
+}
+
+/* The point of a common request, or its record by RequestRecorder._record: 0, or -1 with an
+ * exception set that is not an Exception (those are logged, as the reference does). */
+static int
+monitored_record(Monitored *self, PyObject *response, PyObject *status, double elapsed)
+{
+    Runner *runner = self->runner;
+    CollectorCore *collector = self->collector;
+    PyObject *start_ns = PyLong_FromLongLong(collector->start_ns);
+    if (start_ns == NULL) {
+        goto failed;
+    }
+    int plain = 1;
+    if (collector->extra_tags != NULL && (plain = !PyObject_IsTrue(collector->extra_tags)) < 0) {
+        goto failed_ns;
+    }
+    if (plain && collector->extra_fields != NULL
+        && (plain = !PyObject_IsTrue(collector->extra_fields)) < 0) {
+        goto failed_ns;
+    }
+    if (plain) {
+        int failed = PySequence_Contains(runner->failed, status);
+        if (failed < 0) {
+            goto failed_ns;
+        }
+        plain = !failed;
+    }
+    PyObject *point = NULL;
+    if (plain) {
+        PyObject *tag_sets = PyObject_GetAttr(self->route, str_tag_sets);
+        PyObject *params = tag_sets ? PyObject_GetAttr(self->route, str_params) : NULL;
+        if (params != NULL) {
+            point = make_request_point(runner->point_type, tag_sets, params, self->match_info,
+                                       status, start_ns, collector->request_id, elapsed,
+                                       collector->steps);
+        }
+        Py_XDECREF(tag_sets);
+        Py_XDECREF(params);
+        if (point == NULL) {
+            goto failed_ns;
+        }
+        if (point == Py_None) {
+            Py_CLEAR(point);
+        }
+    }
+    PyObject *result;
+    if (point != NULL) {
+        PyObject *emit = PyObject_GetAttr(runner->monitoring, str_emit);
+        result = emit ? PyObject_CallOneArg(emit, point) : NULL;
+        Py_XDECREF(emit);
+        Py_DECREF(point);
+    }
+    else {
+        PyObject *seconds = PyFloat_FromDouble(elapsed);
+        if (seconds == NULL) {
+            goto failed_ns;
+        }
+        PyObject *args[8] = {self->request, self->route, (PyObject *)collector, start_ns,
+                             seconds, status, response, Py_False};
+        result = PyObject_Vectorcall(runner->record, args, 8, NULL);
+        Py_DECREF(seconds);
+    }
+    Py_DECREF(start_ns);
+    if (result == NULL) {
+        goto failed;
+    }
+    Py_DECREF(result);
+    return 0;
+failed_ns:
+    Py_DECREF(start_ns);
+failed:
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return -1;
+    }
+    PyObject *error = fetch_exception();
+    result = PyObject_CallOneArg(runner->record_failed, error);
+    Py_DECREF(error);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+/* The handler returned `response` (a new reference, taken): the common end here, any other
+ * by RequestRecorder._end. The response, or NULL with an exception set. */
+static PyObject *
+monitored_returned(Monitored *self, PyObject *response)
+{
+    Py_CLEAR(self->inner);
+    Runner *runner = self->runner;
+    CollectorCore *collector = self->collector;
+    int common = (PyObject *)Py_TYPE(response) == runner->response_type && !runner->server_timing;
+    if (common) {
+        PyObject *prepared = PyObject_GetAttr(response, str_prepared);
+        if (prepared == NULL) {
+            Py_DECREF(response);
+            return monitored_raised(self);
+        }
+        common = prepared == Py_False;
+        Py_DECREF(prepared);
+    }
+    if (!common) {
+        PyObject *args[5] = {self->request, self->route, (PyObject *)collector, response, Py_None};
+        PyObject *result = PyObject_Vectorcall(runner->end, args, 5, NULL);
+        Py_DECREF(response);
+        return result;
+    }
+    PyObject *status = PyObject_GetAttr(response, str_status);
+    PyObject *headers = status ? PyObject_GetAttr(response, str_headers) : NULL;
+    int echoed = headers ? PyObject_SetItem(headers, runner->header, collector->request_id) : -1;
+    Py_XDECREF(headers);
+    if (echoed < 0) { /* as if the handler had raised it, as in the reference */
+        Py_XDECREF(status);
+        Py_DECREF(response);
+        return monitored_raised(self);
+    }
+    double elapsed = (collector->ended ? collector->ended : perf_counter()) - collector->started;
+    if (PyContextVar_Reset(runner->current, collector->token) < 0) {
+        Py_DECREF(status);
+        Py_DECREF(response);
+        return NULL;
+    }
+    PyObject *request_headers = PyObject_GetAttr(self->request, str_headers);
+    int expect = request_headers ? PySequence_Contains(request_headers, runner->expect) : -1;
+    Py_XDECREF(request_headers);
+    if (expect > 0) { /* the prepare hook must know this request was seen */
+        PyObject *token = PyContextVar_Set(runner->finished, (PyObject *)collector);
+        Py_XDECREF(token);
+        expect = token ? 0 : -1;
+    }
+    if (expect < 0 || monitored_record(self, response, status, elapsed) < 0) {
+        Py_DECREF(status);
+        Py_DECREF(response);
+        return NULL;
+    }
+    Py_DECREF(status);
+    return response;
+}
+
+/* One step of the handler's awaitable, seen by the Monitored that awaits it. */
+static PySendResult
+monitored_outcome(Monitored *self, PySendResult sent, PyObject *result, PyObject **presult)
+{
+    if (sent == PYGEN_NEXT) {
+        *presult = result;
+        return PYGEN_NEXT;
+    }
+    if (self->collector == NULL) { /* not monitored here: the handler's outcome as it is */
+        Py_CLEAR(self->inner);
+        *presult = result;
+        return sent;
+    }
+    *presult = sent == PYGEN_RETURN ? monitored_returned(self, result) : monitored_raised(self);
+    return *presult == NULL ? PYGEN_ERROR : PYGEN_RETURN;
+}
+
+static PySendResult monitored_start(Monitored *self, PyObject **presult);
+
+static PySendResult
+monitored_am_send(Monitored *self, PyObject *arg, PyObject **presult)
+{
+    if (self->inner == NULL) {
+        if (self->handler == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+            *presult = NULL;
+            return PYGEN_ERROR;
+        }
+        if (arg != Py_None) {
+            PyErr_SetString(PyExc_TypeError,
+                            "can't send non-None value to a just-started coroutine");
+            *presult = NULL;
+            return PYGEN_ERROR;
+        }
+        PySendResult started = monitored_start(self, presult);
+        if (started != PYGEN_NEXT) {
+            return started;
+        }
+    }
+    PyObject *result;
+    PySendResult sent = PyIter_Send(self->inner, arg, &result);
+    return monitored_outcome(self, sent, result, presult);
+}
+
+/* A finished step as the iterator protocol says it: StopIteration(value). */
+static PyObject *
+as_iterator_result(PySendResult sent, PyObject *result)
+{
+    if (sent != PYGEN_RETURN) {
+        return result; /* yielded, or NULL with the error set */
+    }
+    PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, result);
+    Py_DECREF(result);
+    if (stop != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, stop);
+        Py_DECREF(stop);
+    }
+    return NULL;
+}
+
+static PyObject *
+monitored_send(Monitored *self, PyObject *arg)
+{
+    PyObject *result;
+    PySendResult sent = monitored_am_send(self, arg, &result);
+    return as_iterator_result(sent, result);
+}
+
+static PyObject *
+monitored_iternext(Monitored *self)
+{
+    return monitored_send(self, Py_None);
+}
+
+/* StopIteration's value (the error indicator cleared), or NULL with another error kept. */
+static int
+fetch_stop_iteration(PyObject **value)
+{
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        return -1;
+    }
+    PyObject *stop = fetch_exception();
+    *value = PyObject_GetAttr(stop, str_value);
+    Py_DECREF(stop);
+    return *value == NULL ? -1 : 0;
+}
+
+/* throw(...): into the handler's awaitable (a task cancelled, say); its outcome is the
+ * handler's, as at the reference's await. */
+static PyObject *
+monitored_throw(Monitored *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw() takes 1 to 3 arguments");
+        return NULL;
+    }
+    if (self->inner == NULL) { /* not started (or done): raised at once, nothing runs */
+        Py_CLEAR(self->handler);
+        if (PyExceptionInstance_Check(args[0])) {
+            PyErr_SetObject((PyObject *)Py_TYPE(args[0]), args[0]);
+        }
+        else {
+            PyErr_SetObject(args[0], nargs > 1 ? args[1] : Py_None);
+        }
+        return NULL;
+    }
+    PyObject *method = PyObject_GetAttr(self->inner, str_throw);
+    PyObject *result;
+    PySendResult sent;
+    if (method == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyObject *out;
+            sent = monitored_outcome(self, PYGEN_ERROR, NULL, &out);
+            return as_iterator_result(sent, out);
+        }
+        PyErr_Clear(); /* raised at the await itself, as Python does */
+        if (PyExceptionInstance_Check(args[0])) {
+            PyErr_SetObject((PyObject *)Py_TYPE(args[0]), args[0]);
+        }
+        else {
+            PyErr_SetObject(args[0], nargs > 1 ? args[1] : Py_None);
+        }
+        PyObject *out;
+        sent = monitored_outcome(self, PYGEN_ERROR, NULL, &out);
+        return as_iterator_result(sent, out);
+    }
+    result = PyObject_Vectorcall(method, args, (size_t)nargs, NULL);
+    Py_DECREF(method);
+    if (result != NULL) {
+        sent = PYGEN_NEXT;
+    }
+    else {
+        sent = fetch_stop_iteration(&result) == 0 ? PYGEN_RETURN : PYGEN_ERROR;
+    }
+    PyObject *out;
+    sent = monitored_outcome(self, sent, result, &out);
+    return as_iterator_result(sent, out);
+}
+
+/* close(): the handler's awaitable closed, then GeneratorExit at the await, as in the
+ * reference (whose end records the request as a 500). */
+static PyObject *
+monitored_close(Monitored *self, PyObject *unused)
+{
+    Py_CLEAR(self->handler); /* never started: nothing ran, nothing to record */
+    if (self->inner == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *method = PyObject_GetAttr(self->inner, str_close);
+    PyObject *closed = NULL;
+    if (method != NULL) {
+        closed = PyObject_CallNoArgs(method);
+        Py_DECREF(method);
+    }
+    else if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        closed = Py_NewRef(Py_None);
+    }
+    if (closed == NULL) {
+        PyObject *result;
+        monitored_outcome(self, PYGEN_ERROR, NULL, &result);
+        Py_XDECREF(result);
+        return NULL;
+    }
+    Py_DECREF(closed);
+    if (self->collector == NULL) {
+        Py_CLEAR(self->inner);
+        Py_RETURN_NONE;
+    }
+    PyErr_SetNone(PyExc_GeneratorExit);
+    PyObject *result = monitored_raised(self);
+    if (result != NULL) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_RuntimeError, "coroutine ignored GeneratorExit");
+        return NULL;
+    }
+    if (PyErr_ExceptionMatches(PyExc_GeneratorExit)) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return NULL;
+}
+
+static void
+monitored_finalize(Monitored *self)
+{
+    if (self->inner == NULL || self->runner == NULL) {
+        return;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *result = monitored_close(self, NULL);
+    if (result == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    else {
+        Py_DECREF(result);
+    }
+    PyErr_Restore(type, value, traceback);
+}
+
+static int
+monitored_traverse(Monitored *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->runner);
+    Py_VISIT(self->request);
+    Py_VISIT(self->match_info);
+    Py_VISIT(self->route);
+    Py_VISIT(self->collector);
+    Py_VISIT(self->handler);
+    Py_VISIT(self->inner);
+    return 0;
+}
+
+static int
+monitored_clear(Monitored *self)
+{
+    Py_CLEAR(self->runner);
+    Py_CLEAR(self->request);
+    Py_CLEAR(self->match_info);
+    Py_CLEAR(self->route);
+    Py_CLEAR(self->collector);
+    Py_CLEAR(self->handler);
+    Py_CLEAR(self->inner);
+    return 0;
+}
+
+static void
+monitored_dealloc(Monitored *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return; /* resurrected */
+    }
+    PyObject_GC_UnTrack(self);
+    monitored_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+monitored_await(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyAsyncMethods monitored_async = {
+    .am_await = monitored_await,
+    .am_send = (sendfunc)monitored_am_send,
+};
+
+static PyMethodDef monitored_methods[] = {
+    {"send", (PyCFunction)monitored_send, METH_O, "send(value): the next step."},
+    {"throw", (PyCFunction)(void (*)(void))monitored_throw, METH_FASTCALL,
+     "throw(exception): into the handler's awaitable."},
+    {"close", (PyCFunction)monitored_close, METH_NOARGS, "close(): as a coroutine's."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MonitoredType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lunamon._speedups.Monitored",
+    .tp_basicsize = sizeof(Monitored),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A monitored request's handler, awaited (made by Runner).",
+    .tp_traverse = (traverseproc)monitored_traverse,
+    .tp_clear = (inquiry)monitored_clear,
+    .tp_dealloc = (destructor)monitored_dealloc,
+    .tp_finalize = (destructor)monitored_finalize,
+    .tp_as_async = &monitored_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)monitored_iternext,
+    .tp_methods = monitored_methods,
+};
+
+/* The handler's awaitable as an iterator to send to (its __await__), or NULL (set). */
+static PyObject *
+awaitable_iterator(PyObject *awaitable)
+{
+    if (PyCoro_CheckExact(awaitable) || PyGen_CheckExact(awaitable)) {
+        return awaitable;
+    }
+    PyAsyncMethods *async = Py_TYPE(awaitable)->tp_as_async;
+    PyObject *iterator = NULL;
+    if (async == NULL || async->am_await == NULL) {
+        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                     Py_TYPE(awaitable)->tp_name);
+    }
+    else if ((iterator = async->am_await(awaitable)) != NULL && !PyIter_Check(iterator)) {
+        PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
+                     Py_TYPE(iterator)->tp_name);
+        Py_CLEAR(iterator);
+    }
+    Py_DECREF(awaitable);
+    return iterator;
+}
+
+/* The first step: the prologue of RequestRecorder.run (route, begin), then the handler
+ * called. PYGEN_NEXT when its awaitable is ready to be sent to; else the outcome. */
+static PySendResult
+monitored_start(Monitored *self, PyObject **presult)
+{
+    Runner *runner = self->runner;
+    PyObject *request = self->request, *handler = self->handler;
+    self->handler = NULL; /* ours until the end of this call */
+    *presult = NULL;
+    PyObject *method = PyObject_GetAttr(request, str_method);
+    PyObject *match_info = method ? PyObject_GetAttr(request, str_match_info) : NULL;
+    PyObject *matched = match_info ? PyObject_GetAttr(match_info, str_route) : NULL;
+    PyObject *resource = matched ? PyObject_GetAttr(matched, str_resource) : NULL;
+    Py_XDECREF(matched);
+    PyObject *key = resource ? PyTuple_Pack(2, method, resource) : NULL;
+    PyObject *route = NULL;
+    if (key != NULL) {
+        route = PyDict_GetItemWithError(runner->routes, key);
+        Py_DECREF(key);
+        if (route != NULL) {
+            Py_INCREF(route);
+        }
+        else if (!PyErr_Occurred()) {
+            route = PyObject_CallFunctionObjArgs(runner->route_of, method, resource, NULL);
+        }
+    }
+    Py_XDECREF(method);
+    Py_XDECREF(resource);
+    int skip = -1;
+    if (route != NULL) {
+        PyObject *value = PyObject_GetAttr(route, str_excluded);
+        skip = value ? PyObject_IsTrue(value) : -1;
+        Py_XDECREF(value);
+        if (skip == 0) { /* monitored already (a handler inside a monitored one) */
+            if (PyContextVar_Get(runner->current, NULL, &value) < 0) {
+                skip = -1;
+            }
+            else {
+                skip = value != NULL && value != Py_None;
+                Py_XDECREF(value);
+            }
+        }
+    }
+    if (skip != 0) { /* an error, or the handler's own outcome, passed through */
+        Py_XDECREF(route);
+        Py_XDECREF(match_info);
+        PyObject *awaitable = skip < 0 ? NULL : PyObject_CallOneArg(handler, request);
+        Py_DECREF(handler);
+        self->inner = awaitable ? awaitable_iterator(awaitable) : NULL;
+        return self->inner == NULL ? PYGEN_ERROR : PYGEN_NEXT;
+    }
+    PyObject *headers = PyObject_GetAttr(request, str_headers);
+    PyObject *header = headers ? PyObject_CallMethodOneArg(headers, str_get, runner->header) : NULL;
+    Py_XDECREF(headers);
+    PyObject *time_ns = header ? PyObject_GetAttr(runner->time_module, str_time_ns) : NULL;
+    PyObject *now = time_ns ? PyObject_CallNoArgs(time_ns) : NULL;
+    Py_XDECREF(time_ns);
+    long long now_ns = now ? PyLong_AsLongLong(now) : -1;
+    Py_XDECREF(now);
+    PyObject *name = NULL;
+    if (!(now_ns == -1 && PyErr_Occurred())) {
+        name = PyObject_GetAttr(route, str_name);
+    }
+    CollectorCore *collector = NULL;
+    if (name != NULL) {
+        collector = begin_core(runner->collector_type, name, header, now_ns, runner->current);
+        Py_DECREF(name);
+    }
+    Py_XDECREF(header);
+    if (collector == NULL) {
+        Py_DECREF(route);
+        Py_DECREF(match_info);
+        Py_DECREF(handler);
+        return PYGEN_ERROR;
+    }
+    self->match_info = match_info;
+    self->route = route;
+    self->collector = collector;
+    PyObject *awaitable = PyObject_CallOneArg(handler, request);
+    Py_DECREF(handler);
+    self->inner = awaitable ? awaitable_iterator(awaitable) : NULL;
+    if (self->inner == NULL) { /* as if raised at the reference's await */
+        *presult = monitored_raised(self);
+        return *presult == NULL ? PYGEN_ERROR : PYGEN_RETURN;
+    }
+    return PYGEN_NEXT;
+}
+
+/* Runner(request, handler): the awaitable of the response, a Monitored; like a coroutine,
+ * it runs nothing until its first step. */
+static PyObject *
+runner_serve(Runner *runner, PyObject *request, PyObject *handler)
+{
+    Monitored *self = PyObject_GC_New(Monitored, &MonitoredType);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->runner = (Runner *)Py_NewRef(runner);
+    self->request = Py_NewRef(request);
+    self->match_info = NULL;
+    self->route = NULL;
+    self->collector = NULL;
+    self->handler = Py_NewRef(handler);
+    self->inner = NULL;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+runner_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs == 2 && nkw == 0) {
+        return runner_serve((Runner *)self, args[0], args[1]);
+    }
+    if (nargs == 1 && nkw == 1) { /* aiohttp: partial(middleware, handler=handler)(request) */
+        PyObject *keyword = PyTuple_GET_ITEM(kwnames, 0);
+        if (keyword == str_handler || PyUnicode_Compare(keyword, str_handler) == 0) {
+            return runner_serve((Runner *)self, args[0], args[1]);
+        }
+    }
+    PyErr_SetString(PyExc_TypeError, "Runner takes (request, handler)");
+    return NULL;
+}
+
+static PyObject *
+runner_middleware_version(PyObject *self, void *closure)
+{
+    return PyLong_FromLong(1); /* aiohttp's web.middleware marking: a new-style middleware */
+}
+
+static PyGetSetDef runner_getset[] = {
+    {"__middleware_version__", runner_middleware_version, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RunnerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lunamon._speedups.Runner",
+    .tp_basicsize = sizeof(Runner),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "RequestRecorder.run, compiled: the middleware, called (request, handler).",
+    .tp_traverse = (traverseproc)runner_traverse,
+    .tp_clear = (inquiry)runner_clear,
+    .tp_dealloc = (destructor)runner_dealloc,
+    .tp_vectorcall_offset = offsetof(Runner, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getset = runner_getset,
+    .tp_new = runner_new,
+};
+
+/* ------------------------------------------------------------------ the prepare hook
+ *
+ * PrepareGate(hook, current, finished, expect): aiohttp's on_response_prepare receiver.
+ * For almost every response there is nothing to do (the middleware has recorded the
+ * request and echoed its id already): no collector current or finished, no Expect header.
+ * Then it answers a finished awaitable, with no Python frame; otherwise it calls `hook`
+ * (RequestRecorder.on_response_prepare, which checks the same first). */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *hook;
+    PyObject *current;
+    PyObject *finished;
+    PyObject *expect;
+} PrepareGate;
+
+/* Ready: an awaitable already done (its value None); one, shared. */
+static PyObject *
+ready_await(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PySendResult
+ready_send(PyObject *self, PyObject *arg, PyObject **presult)
+{
+    *presult = Py_NewRef(Py_None);
+    return PYGEN_RETURN;
+}
+
+static PyObject *
+ready_next(PyObject *self)
+{
+    return NULL; /* exhausted: StopIteration, value None */
+}
+
+static PyAsyncMethods ready_async = {
+    .am_await = ready_await,
+    .am_send = ready_send,
+};
+
+static PyTypeObject ReadyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lunamon._speedups.Ready",
+    .tp_basicsize = sizeof(PyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An awaitable already done.",
+    .tp_as_async = &ready_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = ready_next,
+};
+
+static PyObject ready_singleton = {_PyObject_EXTRA_INIT 1, &ReadyType};
+
+static int
+gate_traverse(PrepareGate *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->hook);
+    Py_VISIT(self->current);
+    Py_VISIT(self->finished);
+    Py_VISIT(self->expect);
+    return 0;
+}
+
+static int
+gate_clear(PrepareGate *self)
+{
+    Py_CLEAR(self->hook);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->finished);
+    Py_CLEAR(self->expect);
+    return 0;
+}
+
+static void
+gate_dealloc(PrepareGate *self)
+{
+    PyObject_GC_UnTrack(self);
+    gate_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* 1 when context_var holds something other than None, 0 when not, -1 on error. */
+static int
+holds(PyObject *context_var)
+{
+    PyObject *value;
+    if (PyContextVar_Get(context_var, NULL, &value) < 0) {
+        return -1;
+    }
+    int held = value != NULL && value != Py_None;
+    Py_XDECREF(value);
+    return held;
+}
+
+static PyObject *
+gate_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PrepareGate *self = (PrepareGate *)op;
+    if (PyVectorcall_NARGS(nargsf) == 2 && kwnames == NULL) {
+        int busy = holds(self->current);
+        if (busy == 0) {
+            busy = holds(self->finished);
+        }
+        if (busy == 0) {
+            PyObject *headers = PyObject_GetAttr(args[0], str_headers);
+            busy = headers ? PySequence_Contains(headers, self->expect) : -1;
+            Py_XDECREF(headers);
+        }
+        if (busy < 0) {
+            return NULL;
+        }
+        if (busy == 0) {
+            return Py_NewRef(&ready_singleton);
+        }
+    }
+    return PyObject_Vectorcall(self->hook, args, nargsf, kwnames);
+}
+
+static PyObject *
+gate_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *hook, *current, *finished, *expect;
+    if (!PyArg_ParseTuple(args, "OOOO:PrepareGate", &hook, &current, &finished, &expect)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(hook) || !PyContextVar_CheckExact(current)
+        || !PyContextVar_CheckExact(finished)) {
+        PyErr_SetString(PyExc_TypeError, "PrepareGate(): a callable and two ContextVars");
+        return NULL;
+    }
+    PrepareGate *self = (PrepareGate *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = gate_vectorcall;
+    self->hook = Py_NewRef(hook);
+    self->current = Py_NewRef(current);
+    self->finished = Py_NewRef(finished);
+    self->expect = Py_NewRef(expect);
+    return (PyObject *)self;
+}
+
+static PyTypeObject PrepareGateType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lunamon._speedups.PrepareGate",
+    .tp_basicsize = sizeof(PrepareGate),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "on_response_prepare, compiled where there is nothing to do.",
+    .tp_traverse = (traverseproc)gate_traverse,
+    .tp_clear = (inquiry)gate_clear,
+    .tp_dealloc = (destructor)gate_dealloc,
+    .tp_vectorcall_offset = offsetof(PrepareGate, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = gate_new,
+};
 
 static PyMethodDef methods[] = {
     {"point_time", point_time, METH_O,
@@ -1039,10 +2046,30 @@ PyInit__speedups(void)
         || (tag_pair_name = PyUnicode_InternFromString("_tag_pair")) == NULL
         || (str_request_id = PyUnicode_InternFromString("request_id")) == NULL
         || (str_execution_time = PyUnicode_InternFromString("execution_time")) == NULL
-        || (str_request = PyUnicode_InternFromString("request")) == NULL) {
+        || (str_request = PyUnicode_InternFromString("request")) == NULL
+        || (str_method = PyUnicode_InternFromString("method")) == NULL
+        || (str_match_info = PyUnicode_InternFromString("match_info")) == NULL
+        || (str_route = PyUnicode_InternFromString("route")) == NULL
+        || (str_resource = PyUnicode_InternFromString("resource")) == NULL
+        || (str_excluded = PyUnicode_InternFromString("excluded")) == NULL
+        || (str_name = PyUnicode_InternFromString("name")) == NULL
+        || (str_tag_sets = PyUnicode_InternFromString("tag_sets")) == NULL
+        || (str_params = PyUnicode_InternFromString("params")) == NULL
+        || (str_headers = PyUnicode_InternFromString("headers")) == NULL
+        || (str_get = PyUnicode_InternFromString("get")) == NULL
+        || (str_prepared = PyUnicode_InternFromString("prepared")) == NULL
+        || (str_status = PyUnicode_InternFromString("status")) == NULL
+        || (str_emit = PyUnicode_InternFromString("emit")) == NULL
+        || (str_throw = PyUnicode_InternFromString("throw")) == NULL
+        || (str_close = PyUnicode_InternFromString("close")) == NULL
+        || (str_time_ns = PyUnicode_InternFromString("time_ns")) == NULL
+        || (str_value = PyUnicode_InternFromString("value")) == NULL
+        || (str_handler = PyUnicode_InternFromString("handler")) == NULL) {
         return NULL;
     }
-    if (PyType_Ready(&CollectorCoreType) < 0) {
+    if (PyType_Ready(&CollectorCoreType) < 0 || PyType_Ready(&MonitoredType) < 0
+        || PyType_Ready(&RunnerType) < 0 || PyType_Ready(&ReadyType) < 0
+        || PyType_Ready(&PrepareGateType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
@@ -1052,6 +2079,12 @@ PyInit__speedups(void)
     Py_INCREF(&CollectorCoreType);
     if (PyModule_AddObject(module, "CollectorCore", (PyObject *)&CollectorCoreType) < 0) {
         Py_DECREF(&CollectorCoreType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "Runner", (PyObject *)&RunnerType) < 0
+        || PyModule_AddObjectRef(module, "PrepareGate", (PyObject *)&PrepareGateType) < 0
+        || PyModule_AddObjectRef(module, "READY", &ready_singleton) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -50,3 +50,28 @@ def begin(
     context_var: Any,
     /,
 ) -> Any: ...
+
+class Runner:
+    """RequestRecorder.run, compiled: the middleware, called (request, handler)."""
+
+    __middleware_version__: int
+    def __init__(
+        self,
+        recorder: Any,
+        collector_type: type[CollectorCore],
+        current: Any,
+        finished: Any,
+        expect: Any,
+        response_type: type,
+        point_type: type,
+        time_module: Any,
+    ) -> None: ...
+    def __call__(self, request: Any, handler: Any) -> Any: ...
+
+class PrepareGate:
+    """on_response_prepare, compiled where there is nothing to do."""
+
+    def __init__(self, hook: Any, current: Any, finished: Any, expect: Any) -> None: ...
+    def __call__(self, request: Any, response: Any) -> Any: ...
+
+READY: Any

@@ -73,7 +73,7 @@ def _monitored(func: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
                     if recorder is not None:
                         last[0], last[1] = app, recorder
                 if recorder is not None:
-                    return await recorder.run(plain, func)
+                    return await recorder.middleware(plain, func)
             return await func(plain)
         first = args[0] if args else kwargs.get("request")
         request = first.request if isinstance(first, web.View) else first
@@ -84,8 +84,10 @@ def _monitored(func: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
         if recorder is None:
             return await func(*args, **kwargs)
         if plain_call:
-            return await recorder.run(request, func)
-        return await recorder.run(request, functools.partial(_call_through, func, args, kwargs))
+            return await recorder.middleware(request, func)
+        return await recorder.middleware(
+            request, functools.partial(_call_through, func, args, kwargs)
+        )
 
     # functools.wraps called, not used as a decorator: mutmut mutates undecorated code only.
     return functools.wraps(func)(monitored_handler)
@@ -180,8 +182,8 @@ def setup(
     recorder = RequestRecorder(monitoring, config, error_code, server_timing_allow)
     app[RECORDER_KEY] = recorder
     if middleware:
-        app.middlewares.insert(0, recorder.run)
-    app.on_response_prepare.append(recorder.on_response_prepare)
+        app.middlewares.insert(0, recorder.middleware)
+    app.on_response_prepare.append(recorder.prepare_hook)
     if metrics is not None:
         from lunamon.metrics import MetricsPort, add_metrics_route, check_metrics_route
 

@@ -359,6 +359,8 @@ async def test_24_every_time_field_is_a_float_even_when_zero(
     aiohttp_client: ClientFactory, influxd: InfluxServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = new_db()
+    # The Python run, which reads the clock patched below (the compiled runner reads its own).
+    monkeypatch.setattr(lunamon._recorder, "_compiled", None)
     app = create_app(
         sinks=[InfluxDBSink(influxd.host, influxd.port, db)],
         **fast_policy(flush_interval=30.0, batch_size=1000),

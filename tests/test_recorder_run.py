@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Final
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from aiohttp.typedefs import Middleware
 from structlog.testing import capture_logs
 
 import lunamon
@@ -26,6 +27,24 @@ class LunaError(Exception):
 
 class Interrupted(BaseException):
     """Neither an ``Exception`` nor a cancellation: passes every ``except`` of ``run``."""
+
+
+# Every test of a direct call runs twice: through ``run`` (the Python reference) and through
+# ``middleware``, what setup() installs (the compiled Runner when the extension is built).
+_WAYS: Final = ("run", "middleware")
+_chosen: list[str] = ["run"]
+
+
+@pytest.fixture(params=_WAYS, autouse=True)
+def _both_ways(request: pytest.FixtureRequest) -> Iterator[None]:
+    _chosen[0] = request.param
+    yield
+    _chosen[0] = "run"
+
+
+def _way(recorder: RequestRecorder) -> Middleware:
+    middleware: Middleware = getattr(recorder, _chosen[0])
+    return middleware
 
 
 def _recorder(**options: Any) -> tuple[RequestRecorder, Monitoring, MemorySink]:
@@ -68,7 +87,7 @@ async def test_a_response_is_recorded_before_run_returns() -> None:
         return web.Response(text="ok")
 
     before = time.perf_counter()
-    response = await recorder.run(await _request(), ok)
+    response = await _way(recorder)(await _request(), ok)
     took = time.perf_counter() - before
     (point,) = _emitted(monitoring)  # not deferred to the end of the request's task
     assert response.headers["Luna-Request-Id"] == point.fields["request_id"]
@@ -86,7 +105,7 @@ async def test_an_http_exception_is_recorded_before_it_leaves_run() -> None:
         raise web.HTTPNotFound()
 
     with pytest.raises(web.HTTPNotFound):
-        await recorder.run(await _request(), missing)
+        await _way(recorder)(await _request(), missing)
     request, error = _emitted(monitoring)
     assert (request.series, request.tags["status_code"]) == ("request", "404")
     assert (error.series, error.tags["error_code"]) == ("error", "0")
@@ -102,7 +121,7 @@ async def test_the_request_id_carries_the_second_of_the_point_time(
 
     monkeypatch.setattr(time, "time_ns", lambda: 1_000_000_000_999_999_000)
     _ids._set_clock(0)  # the process's clocks share their last time
-    await recorder.run(await _request(), ok)
+    await _way(recorder)(await _request(), ok)
     (point,) = _emitted(monitoring)
     assert str(point.fields["request_id"]).startswith("1000000000,")
     assert point.time_ns // 10**9 == 1_000_000_000
@@ -115,7 +134,12 @@ async def test_an_exception_keeps_its_error_code() -> None:
         raise LunaError("no face")
 
     # Recorded when the request's task is done: aiohttp's 500 is part of its execution.
-    task = asyncio.create_task(recorder.run(await _request(), failing))
+    served = await _request()
+
+    async def serve() -> web.StreamResponse:  # a task of its own, as aiohttp gives a request
+        return await _way(recorder)(served, failing)
+
+    task = asyncio.create_task(serve())
     with pytest.raises(LunaError):
         await task
     await asyncio.sleep(0)  # the task's done callbacks run on the next loop turn
@@ -133,7 +157,7 @@ async def test_a_base_exception_is_recorded_as_a_500_with_the_default_code() -> 
         raise Interrupted()
 
     with pytest.raises(Interrupted):
-        await recorder.run(await _request(), interrupted)
+        await _way(recorder)(await _request(), interrupted)
     request, error = _emitted(monitoring)
     assert request.tags["status_code"] == "500"
     assert error.tags["error_code"] == "1"
@@ -152,7 +176,7 @@ async def test_a_cancelled_handler_gives_the_getter_its_cancellation() -> None:
         raise asyncio.CancelledError()
 
     with pytest.raises(asyncio.CancelledError):
-        await recorder.run(await _request(), cancelled)
+        await _way(recorder)(await _request(), cancelled)
     request, error = _emitted(monitoring)
     assert request.tags["status_code"] == "499"  # the client left before any status
     assert error.tags["error_code"] == "77"
@@ -167,10 +191,10 @@ async def test_server_timing_on_an_http_exception_only_when_asked() -> None:
         raise web.HTTPNotFound()
 
     with pytest.raises(web.HTTPNotFound) as asked:
-        await recorder.run(await _request({"X-Debug-Timing": secret}), missing)
+        await _way(recorder)(await _request({"X-Debug-Timing": secret}), missing)
     assert asked.value.headers["Server-Timing"].startswith("total;dur=")
     with pytest.raises(web.HTTPNotFound) as not_asked:
-        await recorder.run(await _request(), missing)
+        await _way(recorder)(await _request(), missing)
     assert "Server-Timing" not in not_asked.value.headers
 
 
@@ -189,7 +213,7 @@ async def test_a_point_that_cannot_be_emitted_is_logged_and_the_response_kept(
         return web.Response(text="ok")
 
     with capture_logs() as logs:
-        response = await recorder.run(await _request(), ok)
+        response = await _way(recorder)(await _request(), ok)
     assert isinstance(response, web.Response)
     assert response.text == "ok"
     event = {"event": "record_failed", "error": repr(broken)[:1024], "log_level": "error"}

@@ -237,6 +237,10 @@ def test_the_compiled_clock_and_ids_are_the_python_ones() -> None:
     _speedups.set_id_source(_ids._id_prefix, 0xFFFFFFFFFFFF)
     assert _ids.request_id(1) == f"1,{_ids._id_prefix}ffffffffffff"
     assert _ids.request_id(1) == f"1,{_ids._id_prefix}000000000000"  # 48 bits, wrapped
+    assert _ids.request_id(-(2**63)) == f"{-(2**63)},{_ids._id_prefix}000000000001"
+    assert _ids.request_id(2**63 - 1).startswith(f"{2**63 - 1},")
+    with pytest.raises(ValueError, match="ASCII"):
+        _speedups.set_id_source("é" * 4, 0)
 
 
 def test_a_forked_child_gets_a_new_id_source_and_claims_its_own_slot() -> None:
