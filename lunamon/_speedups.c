@@ -1882,18 +1882,25 @@ static PyAsyncMethods ready_async = {
     .am_send = ready_send,
 };
 
+static void
+ready_dealloc(PyObject *self)
+{
+    PyObject_Free(self);
+}
+
 static PyTypeObject ReadyType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "lunamon._speedups.Ready",
     .tp_basicsize = sizeof(PyObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = ready_dealloc,
     .tp_doc = "An awaitable already done.",
     .tp_as_async = &ready_async,
     .tp_iter = PyObject_SelfIter,
     .tp_iternext = ready_next,
 };
 
-static PyObject ready_singleton = {_PyObject_EXTRA_INIT 1, &ReadyType};
+static PyObject *ready_singleton = NULL; /* made at import */
 
 static int
 gate_traverse(PrepareGate *self, visitproc visit, void *arg)
@@ -1954,7 +1961,7 @@ gate_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kw
             return NULL;
         }
         if (busy == 0) {
-            return Py_NewRef(&ready_singleton);
+            return Py_NewRef(ready_singleton);
         }
     }
     return PyObject_Vectorcall(self->hook, args, nargsf, kwnames);
@@ -2072,6 +2079,9 @@ PyInit__speedups(void)
         || PyType_Ready(&PrepareGateType) < 0) {
         return NULL;
     }
+    if (ready_singleton == NULL && (ready_singleton = PyObject_New(PyObject, &ReadyType)) == NULL) {
+        return NULL;
+    }
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) {
         return NULL;
@@ -2084,7 +2094,7 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(module, "Runner", (PyObject *)&RunnerType) < 0
         || PyModule_AddObjectRef(module, "PrepareGate", (PyObject *)&PrepareGateType) < 0
-        || PyModule_AddObjectRef(module, "READY", &ready_singleton) < 0) {
+        || PyModule_AddObjectRef(module, "READY", ready_singleton) < 0) {
         Py_DECREF(module);
         return NULL;
     }
