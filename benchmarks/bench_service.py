@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for variant in wanted:
         if variant in skipped:
-            rows.append([LABELS[variant], f"skipped: {skipped[variant]} not installed"] + [""] * 6)
+            rows.append([LABELS[variant], f"skipped: {skipped[variant]} not installed"] + [""] * 7)
             continue
         summary = Summary(results[variant])
         ratio = paired_ratio(results[variant], bare)
@@ -361,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 fmt_ratio(ratio),
                 goal,
                 _cpu_cell(cpu.get(variant), bare_cpu),
+                _best_cpu_cell(cpu.get(variant), cpu.get("bare")),
                 _recorded(stats.get(variant, {}), served[variant], in_flight),
             ]
         )
@@ -374,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "ratio to bare",
                 "target",
                 "server CPU µs/request (over bare)",
+                "quietest round: CPU µs/request (bare's / this)",
                 "recorded",
             ],
             rows,
@@ -388,8 +390,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         " every batch to line protocol. `recorded` = the points (spans, requests counted)"
         " the server reported at shutdown, against the requests wrk counted. Server CPU ="
         " the server process's user + system time per request served (median of the"
-        " rounds), which a busy machine disturbs far less than req/s."
+        " rounds), which a busy machine disturbs far less than req/s. The quietest round"
+        " is each variant's lowest CPU per request (noise only adds to it); bare's over a"
+        " variant's is the throughput ratio a server saturating its core would show on a"
+        " quiet machine."
     )
+
+
+def _best_cpu_cell(values: list[float] | None, bare: list[float] | None) -> str:
+    if not values or not bare:
+        return "—"
+    return f"{min(values):.1f} ({min(bare) / min(values):.3f})"
 
 
 def _cpu_cell(values: list[float] | None, bare: float) -> str:

@@ -9,6 +9,7 @@ test with what to install (``make servers``), never skips it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,7 @@ def test_service() -> None:
         cells = row(rows, label)
         assert figure(cells) > 0
         assert cells[2]  # a ratio to bare
+        assert re.fullmatch(r"\d+\.\d \(\d+\.\d{3}\)", cells[-2]), cells  # the quietest round
         assert cells[-1].startswith("all ("), f"{label}: not every request recorded: {cells}"
     first = row(rows, "lunamon's first release")
     if have_commit(FIRST_RELEASE):  # the A/B row: the first release's own code, served
