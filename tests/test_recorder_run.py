@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 import lunamon
 from lunamon import MemorySink, Monitoring, MonitoringSettings, Point, _ids
-from lunamon._recorder import RequestRecorder
+from lunamon._recorder import RequestRecorder, _to_the_ns
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -306,3 +306,77 @@ async def test_monitor_request_without_setup_passes_every_argument_on(
     client = await aiohttp_client(app)
     assert await (await client.get("/keyword/a")).text() == "a!"
     assert await (await client.get("/positional/b")).text() == "b."
+
+
+# ------------------------------------------------------------------ found by make mutate
+
+
+async def _request_seen_by(recorder: RequestRecorder) -> web.Request:
+    """A ``GET /things`` whose app has the recorder's prepare hook, as ``setup`` installs it:
+    a response the handler prepares is seen there."""
+    app = web.Application()
+    app.router.add_get("/things", _unused)
+    app.on_response_prepare.append(recorder.prepare_hook)
+    app.freeze()
+    match_info = await app.router.resolve(make_mocked_request("GET", "/things", app=app))
+    match_info.add_app(app)
+    match_info.freeze()
+    request = make_mocked_request("GET", "/things", app=app)
+    request._match_info = match_info
+    return request
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response()
+
+
+async def test_a_tag_alone_added_by_the_handler_is_on_its_point() -> None:
+    recorder, monitoring, _ = _recorder()
+
+    async def tagged(request: web.Request) -> web.Response:
+        lunamon.add_tag("tenant", "t1")  # no field: the tags alone leave the common point
+        return web.Response()
+
+    request = await _request()  # one app, one route: its shared tags are made by the first
+    await _way(recorder)(request, _ok)
+    await _way(recorder)(request, tagged)
+    plain, point = _emitted(monitoring)
+    assert "tenant" not in plain.tags
+    assert point.tags["tenant"] == "t1"
+
+
+async def test_a_stream_that_fails_after_its_status_went_out_is_an_error_too() -> None:
+    recorder, monitoring, _ = _recorder()
+
+    async def breaks(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        raise LunaError("the body broke off")
+
+    served = await _request_seen_by(recorder)  # one route: its shared tags made by the first
+    await _way(recorder)(served, _ok)
+    with pytest.raises(LunaError):
+        await _way(recorder)(served, breaks)
+    _, request, error = _emitted(monitoring)
+    assert (request.series, request.tags["status_code"]) == ("request", "200")  # as sent
+    assert (error.series, error.tags["error_code"]) == ("error", "11")
+
+
+async def test_a_stream_is_timed_to_its_handler_end_not_to_its_status_line() -> None:
+    recorder, monitoring, _ = _recorder()
+
+    async def streams(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await asyncio.sleep(0.02)  # the body's work, after the status line went out
+        return response
+
+    await _way(recorder)(await _request_seen_by(recorder), streams)
+    (point,) = _emitted(monitoring)
+    assert point.fields["execution_time"] >= 0.02  # type: ignore[operator]
+
+
+def test_execution_times_are_kept_to_the_nanosecond_at_any_size() -> None:
+    assert _to_the_ns(1000.000000123) == 1000.000000123
+    assert _to_the_ns(3.0000000005) == 3.0  # half a nanosecond, rounded to even
+    assert _to_the_ns(5e6 + 0.1) == 5e6 + 0.1  # beyond 4e6 s: as it is
