@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 import lunamon
+from lunamon.settings import MIN_TIMING_SECRET
 from lunamon.testing import capture_points
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -123,6 +125,8 @@ async def test_vary_keeps_what_the_handler_set(aiohttp_client: ClientFactory) ->
     assert (await client.get("/?vary=*")).headers["Vary"] == "*"
     again = await client.get("/?vary=accept, x-debug-timing")
     assert again.headers["Vary"] == "accept, x-debug-timing"
+    unspaced = await client.get("/?vary=Origin,X-Debug-Timing")  # a list without spaces
+    assert unspaced.headers["Vary"] == "Origin,X-Debug-Timing"
 
 
 @pytest.mark.parametrize(
@@ -161,6 +165,23 @@ async def test_the_secret_from_a_file(aiohttp_client: ClientFactory, tmp_path: P
     assert "total" in entries(asked.headers["Server-Timing"])
 
 
+def test_a_secret_file_of_exactly_the_minimum_length_serves(tmp_path: Path) -> None:
+    exact = tmp_path / "exact"
+    exact.write_text(SECRET[:MIN_TIMING_SECRET])
+    timing_app(
+        server_timing=True,
+        server_timing_when="X-Debug-Timing",
+        server_timing_secret_file=str(exact),
+    )
+    exact.write_text(SECRET[: MIN_TIMING_SECRET - 1])
+    with pytest.raises(lunamon.SettingsError, match="at least 16 characters"):
+        timing_app(
+            server_timing=True,
+            server_timing_when="X-Debug-Timing",
+            server_timing_secret_file=str(exact),
+        )
+
+
 def test_a_secret_file_that_cannot_serve_is_refused_at_setup(tmp_path: Path) -> None:
     short = tmp_path / "short"
     short.write_text("1234")
@@ -195,6 +216,21 @@ async def test_a_callable_decides_which_requests_are_timed(aiohttp_client: Clien
         assert "Vary" not in response.headers  # no header gate, nothing for caches to vary on
     with pytest.raises(TypeError, match="server_timing_allow"):
         timing_app(server_timing=True, server_timing_allow="staff")
+
+
+async def test_a_failing_gate_callable_is_logged_with_its_error(
+    aiohttp_client: ClientFactory,
+) -> None:
+    failure = RuntimeError("the gate failed " + "x" * 600)  # longer than the 512 logged
+
+    def allow(request: web.Request) -> bool:
+        raise failure
+
+    client = await aiohttp_client(timing_app(server_timing=True, server_timing_allow=allow))
+    with capture_logs() as logs:
+        assert (await client.get("/")).status == 200
+    (event,) = [e for e in logs if e["event"] == "server_timing_allow_failed"]
+    assert (event["log_level"], event["error"]) == ("error", repr(failure)[:512])
 
 
 async def test_the_callable_and_the_header_must_both_agree(aiohttp_client: ClientFactory) -> None:
