@@ -2005,6 +2005,199 @@ static PyTypeObject PrepareGateType = {
     .tp_new = gate_new,
 };
 
+/* ------------------------------------------------------------------ the flusher's emit
+ *
+ * ChannelCore: the fields of lunamon.flusher._Channel that emit reads and writes (the
+ * channel subclasses it and adds the rest); lunamon.flusher._ChannelFields is the
+ * pure-Python twin. Emitter: Flusher.emit compiled for the common point, the one that
+ * neither fills a channel's bound nor completes a batch, while no test tap listens and
+ * the flusher is open: each channel counts it and appends it to its buffer. Every other
+ * point goes to Flusher.emit itself (the reference), which decides as before. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *buffer; /* a collections.deque */
+    Py_ssize_t emitted;
+    Py_ssize_t packed;
+    Py_ssize_t capacity;
+    Py_ssize_t wake_at;
+    char closed;
+} ChannelCore;
+
+static PyMemberDef channel_members[] = {
+    {"buffer", T_OBJECT_EX, offsetof(ChannelCore, buffer), 0, NULL},
+    {"emitted", T_PYSSIZET, offsetof(ChannelCore, emitted), 0, NULL},
+    {"packed", T_PYSSIZET, offsetof(ChannelCore, packed), 0, NULL},
+    {"capacity", T_PYSSIZET, offsetof(ChannelCore, capacity), 0, NULL},
+    {"wake_at", T_PYSSIZET, offsetof(ChannelCore, wake_at), 0, NULL},
+    {"closed", T_BOOL, offsetof(ChannelCore, closed), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static int
+channel_traverse(ChannelCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->buffer);
+    return 0;
+}
+
+static int
+channel_clear(ChannelCore *self)
+{
+    Py_CLEAR(self->buffer);
+    return 0;
+}
+
+static void
+channel_dealloc(ChannelCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    channel_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject ChannelCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lunamon._speedups.ChannelCore",
+    .tp_basicsize = sizeof(ChannelCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fields of a flusher channel that emit uses (lunamon.flusher), compiled.",
+    .tp_traverse = (traverseproc)channel_traverse,
+    .tp_clear = (inquiry)channel_clear,
+    .tp_dealloc = (destructor)channel_dealloc,
+    .tp_members = channel_members,
+    .tp_new = PyType_GenericNew,
+};
+
+static PyObject *str_append;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *channels; /* the flusher's list of channels */
+    PyObject *taps;     /* lunamon.flusher._taps */
+    PyObject *emit;     /* the flusher's own emit (bound), for every other point */
+} Emitter;
+
+static int
+emitter_traverse(Emitter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->channels);
+    Py_VISIT(self->taps);
+    Py_VISIT(self->emit);
+    return 0;
+}
+
+static int
+emitter_clear(Emitter *self)
+{
+    Py_CLEAR(self->channels);
+    Py_CLEAR(self->taps);
+    Py_CLEAR(self->emit);
+    return 0;
+}
+
+static void
+emitter_dealloc(Emitter *self)
+{
+    PyObject_GC_UnTrack(self);
+    emitter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* 1 when every channel takes `point` without a decision (not closed, below its bound and
+ * below the point that completes a batch), 0 when the reference must decide, -1 on error. */
+static int
+emitter_common(Emitter *self)
+{
+    if (PyList_GET_SIZE(self->taps)) {
+        return 0;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(self->channels);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(self->channels, i);
+        if (!PyObject_TypeCheck(item, &ChannelCoreType)) {
+            return 0;
+        }
+        ChannelCore *channel = (ChannelCore *)item;
+        if (channel->closed || channel->buffer == NULL) {
+            return 0;
+        }
+        Py_ssize_t size = PyObject_Size(channel->buffer);
+        if (size < 0) {
+            return -1;
+        }
+        size += channel->packed;
+        if (size >= channel->capacity || size >= channel->wake_at) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+emitter_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Emitter *self = (Emitter *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    int common = nargs == 1 && kwnames == NULL ? emitter_common(self) : 0;
+    if (common < 0) {
+        return NULL;
+    }
+    if (!common) {
+        return PyObject_Vectorcall(self->emit, args, nargsf, kwnames);
+    }
+    Py_ssize_t count = PyList_GET_SIZE(self->channels);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        ChannelCore *channel = (ChannelCore *)PyList_GET_ITEM(self->channels, i);
+        channel->emitted++;
+        PyObject *done = PyObject_CallMethodOneArg(channel->buffer, str_append, args[0]);
+        if (done == NULL) {
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Emitter(channels, taps, emit): channels a list the flusher keeps, taps a list. */
+static PyObject *
+emitter_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *channels, *taps, *emit;
+    if (!PyArg_ParseTuple(args, "O!O!O:Emitter", &PyList_Type, &channels, &PyList_Type, &taps,
+                          &emit)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(emit)) {
+        PyErr_SetString(PyExc_TypeError, "Emitter(): emit must be callable");
+        return NULL;
+    }
+    Emitter *self = (Emitter *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = emitter_vectorcall;
+    self->channels = Py_NewRef(channels);
+    self->taps = Py_NewRef(taps);
+    self->emit = Py_NewRef(emit);
+    return (PyObject *)self;
+}
+
+static PyTypeObject EmitterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lunamon._speedups.Emitter",
+    .tp_basicsize = sizeof(Emitter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Flusher.emit, compiled for the point that needs no decision.",
+    .tp_traverse = (traverseproc)emitter_traverse,
+    .tp_clear = (inquiry)emitter_clear,
+    .tp_dealloc = (destructor)emitter_dealloc,
+    .tp_vectorcall_offset = offsetof(Emitter, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = emitter_new,
+};
+
 static PyMethodDef methods[] = {
     {"point_time", point_time, METH_O,
      "point_time(now_ns) -> int: a point time never given before, ending in the slot."},
@@ -2071,12 +2264,14 @@ PyInit__speedups(void)
         || (str_close = PyUnicode_InternFromString("close")) == NULL
         || (str_time_ns = PyUnicode_InternFromString("time_ns")) == NULL
         || (str_value = PyUnicode_InternFromString("value")) == NULL
-        || (str_handler = PyUnicode_InternFromString("handler")) == NULL) {
+        || (str_handler = PyUnicode_InternFromString("handler")) == NULL
+        || (str_append = PyUnicode_InternFromString("append")) == NULL) {
         return NULL;
     }
     if (PyType_Ready(&CollectorCoreType) < 0 || PyType_Ready(&MonitoredType) < 0
         || PyType_Ready(&RunnerType) < 0 || PyType_Ready(&ReadyType) < 0
-        || PyType_Ready(&PrepareGateType) < 0) {
+        || PyType_Ready(&PrepareGateType) < 0 || PyType_Ready(&ChannelCoreType) < 0
+        || PyType_Ready(&EmitterType) < 0) {
         return NULL;
     }
     if (ready_singleton == NULL && (ready_singleton = PyObject_New(PyObject, &ReadyType)) == NULL) {
@@ -2094,7 +2289,9 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(module, "Runner", (PyObject *)&RunnerType) < 0
         || PyModule_AddObjectRef(module, "PrepareGate", (PyObject *)&PrepareGateType) < 0
-        || PyModule_AddObjectRef(module, "READY", ready_singleton) < 0) {
+        || PyModule_AddObjectRef(module, "READY", ready_singleton) < 0
+        || PyModule_AddObjectRef(module, "ChannelCore", (PyObject *)&ChannelCoreType) < 0
+        || PyModule_AddObjectRef(module, "Emitter", (PyObject *)&EmitterType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

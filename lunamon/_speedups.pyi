@@ -75,3 +75,21 @@ class PrepareGate:
     def __call__(self, request: Any, response: Any) -> Any: ...
 
 READY: Any
+
+class ChannelCore:
+    """The fields of a flusher channel that emit uses (lunamon.flusher), compiled."""
+
+    buffer: Any
+    emitted: int
+    packed: int
+    capacity: int
+    wake_at: int
+    closed: bool
+
+class Emitter:
+    """Flusher.emit, compiled for the point that needs no decision."""
+
+    def __init__(
+        self, channels: list[Any], taps: list[Any], emit: Callable[[Point], None]
+    ) -> None: ...
+    def __call__(self, point: Point, /) -> None: ...

@@ -22,16 +22,16 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
 from lunamon._backlog import PACK_RUN, PackedPoints
 from lunamon._log import RateLimitedLogger, logger
 from lunamon.errors import BatchTooLarge, SinkError
-from lunamon.point import Point
+from lunamon.point import Point, compiled_speedups
 from lunamon.sinks.base import Sink, sink_name
 
 if sys.version_info >= (3, 11):
@@ -73,7 +73,31 @@ class FlushPolicy:
     retry_max_delay: float
 
 
-class _Channel:
+class _ChannelFields:
+    """What emit reads and writes of a channel, in Python: the reference of the compiled
+    ``ChannelCore`` (``lunamon._speedups``), which ``_Channel`` subclasses when it is
+    built, so that its ``Emitter`` reads and writes them in C."""
+
+    __slots__ = ("buffer", "capacity", "closed", "emitted", "packed", "wake_at")
+
+    buffer: deque[Point | PackedPoints]
+    capacity: int
+    closed: bool
+    emitted: int
+    packed: int
+    wake_at: int
+
+
+_core = compiled_speedups()
+# Flusher.emit compiled for the common point (None: the Python method is all there is).
+_Emitter: Any = _core.Emitter if _core is not None else None
+if TYPE_CHECKING:
+    _ChannelBase = _ChannelFields
+else:
+    _ChannelBase = _core.ChannelCore if _core is not None else _ChannelFields
+
+
+class _Channel(_ChannelBase):
     """One sink, its buffer and its counters."""
 
     # Slots: emit() reads a few of these per request; no instance dict to go through.
@@ -81,11 +105,8 @@ class _Channel:
         "attempts",
         "backing_off",
         "batch_size",
-        "buffer",
         "buffer_size",
-        "capacity",
         "dropped",
-        "emitted",
         "failing",
         "inflight",
         "inflight_at",
@@ -93,13 +114,11 @@ class _Channel:
         "mark",
         "name",
         "pack_at",
-        "packed",
         "retries",
         "retry_after",
         "sink",
         "task",
         "wake",
-        "wake_at",
         "written",
     )
 
@@ -109,8 +128,9 @@ class _Channel:
         # Points, and runs of points packed (PackedPoints) while the sink fails and more
         # than a batch waits: len(buffer) + packed points are buffered (packed: the points
         # inside the runs beyond the one entry each takes in the deque).
-        self.buffer: deque[Point | PackedPoints] = deque()
+        self.buffer = deque()
         self.packed = 0
+        self.closed = False  # the flusher is closed: emit counts points as after_close
         # While the sink fails, pack the points appended since `mark` (an `emitted` count)
         # once this many wait. A sink that keeps up, or only lags, never pays for it.
         self.pack_at = policy.batch_size + PACK_RUN
@@ -302,6 +322,16 @@ class Flusher:
                 if not channel.backing_off and channel.wake:
                     channel.wake.set()
 
+    def emitter(self) -> Callable[[Point], None]:
+        """What to call instead of :meth:`emit` on the hot path: the compiled
+        ``Emitter`` when built, which appends the common point itself (no Python frame)
+        and hands every other to :meth:`emit`; else :meth:`emit`. Not kept by the
+        flusher (no cycle through it)."""
+        if _Emitter is None:
+            return self.emit
+        emitter: Callable[[Point], None] = _Emitter(self._channels, _taps, self.emit)
+        return emitter
+
     # ------------------------------------------------------------------ lifecycle
 
     @property
@@ -385,6 +415,8 @@ class Flusher:
         if self._closed:
             return
         self._closed = True
+        for channel in self._channels:
+            channel.closed = True
         deadline = time.monotonic() + self.policy.shutdown_timeout
         await asyncio.gather(*(self._shutdown(c, deadline) for c in self._channels))
 

@@ -28,14 +28,15 @@ class Monitoring:
         self.enabled = settings.enabled
         self.sinks = list(sinks) if settings.enabled else []
         self._flusher = Flusher(self.sinks, settings.flush_policy())
-        self.emit: Callable[[Point], None] = self._flusher.emit if self.enabled else _discard
+        # The flusher's emit, compiled for the common point when built (Flusher.emitter).
+        self.emit: Callable[[Point], None] = self._flusher.emitter() if self.enabled else _discard
         # With `spool_dir`, emit also keeps each point for the spool (lunamon.spool).
         self._spool: Spool | None = None
         if self.enabled and self.sinks and settings.spool_dir:
             self._spool = Spool(
                 settings.spool_dir, settings.spool_max_bytes, self._flusher, self._replays
             )
-            self.emit = self._spool.wrap(self._flusher.emit)
+            self.emit = self._spool.wrap(self._flusher.emitter())
         # The Prometheus metrics sink when [monitoring.metrics] is enabled (setup sets it).
         self.metrics: Any = None
 

@@ -17,6 +17,21 @@ from lunamon import BatchTooLarge, MemorySink, MonitoringSettings, Point, SinkEr
 from lunamon.flusher import Flusher, FlushPolicy, SinkStats
 
 
+@pytest.fixture(autouse=True, params=["emit", "emitter"])
+def _both_ways(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: emitting with ``Flusher.emit`` (the reference), and with what
+    the hot path calls instead, ``Flusher.emitter()`` (compiled when built), which must
+    leave every channel as the reference does."""
+    if request.param == "emitter":
+        build = Flusher.__init__
+
+        def build_with_emitter(self: Flusher, *args: Any, **kwargs: Any) -> None:
+            build(self, *args, **kwargs)
+            vars(self)["emit"] = self.emitter()
+
+        monkeypatch.setattr(Flusher, "__init__", build_with_emitter)
+
+
 def point(i: int) -> Point:
     return Point.trusted("request", i, {"route": "GET:/x"}, {"execution_time": float(i)})
 
