@@ -104,7 +104,7 @@ MUTATE_MODULES ?= lunamon/point.py lunamon/flusher.py lunamon/_backlog.py lunamo
 	lunamon/_ids.py lunamon/collector.py lunamon/timing.py lunamon/spool.py lunamon/client.py \
 	lunamon/logs.py lunamon/sinks/influxdb.py lunamon/sinks/influxdb_v2.py lunamon/sinks/file.py \
 	lunamon/sinks/plugin.py lunamon/sinks/registry.py
-MUTATE_TESTS ?= tests/test_point.py tests/test_flusher.py tests/test_aiohttp.py \
+MUTATE_TESTS ?= tests/test_point.py tests/test_flusher.py tests/test_emitter.py tests/test_aiohttp.py \
 	tests/test_response_paths.py tests/test_collector.py tests/test_timing.py \
 	tests/test_server_timing.py tests/test_metrics.py tests/test_sink_http.py \
 	tests/test_tls_no_fallback.py tests/test_settings.py tests/test_settings_sources.py \
