@@ -2198,6 +2198,168 @@ static PyTypeObject EmitterType = {
     .tp_new = emitter_new,
 };
 
+/* ------------------------------------------------------------------ @monitor_request
+ *
+ * MonitoredHandler: what @monitor_request returns when the extension is built.
+ * lunamon.aiohttp._monitored's coroutine function is the reference and does everything
+ * but one call: handler(request) with the request of the app it last served, which calls
+ * that app's middleware (a Runner) directly and returns its awaitable, with no coroutine
+ * of lunamon's between aiohttp and the runner. The runner itself passes a request that is
+ * monitored already (or excluded) through, as the reference's check does. The app and its
+ * middleware are the reference's own cache (`last`, a list of two it fills), so the two
+ * cannot disagree on which recorder serves an app. inspect sees a coroutine function, as
+ * it does a Cython function: __code__ is the reference's (CO_COROUTINE), and __get__ binds
+ * it to a web.View as a function is bound. */
+
+static PyObject *str_app;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *func;         /* the handler */
+    PyObject *reference;    /* the Python wrapper, for every other call */
+    PyObject *last;         /* [app, its recorder's middleware], filled by the reference */
+    PyObject *request_type; /* aiohttp.web.Request */
+    PyObject *dict;         /* __name__, __doc__, __wrapped__... (functools.wraps) */
+    PyObject *weakreflist;
+} MonitoredHandler;
+
+static int
+handler_traverse(MonitoredHandler *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->func);
+    Py_VISIT(self->reference);
+    Py_VISIT(self->last);
+    Py_VISIT(self->request_type);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+handler_clear(MonitoredHandler *self)
+{
+    Py_CLEAR(self->func);
+    Py_CLEAR(self->reference);
+    Py_CLEAR(self->last);
+    Py_CLEAR(self->request_type);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+handler_dealloc(MonitoredHandler *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    handler_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+handler_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    MonitoredHandler *self = (MonitoredHandler *)op;
+    if (PyVectorcall_NARGS(nargsf) == 1 && (kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0)
+        && Py_IS_TYPE(args[0], (PyTypeObject *)self->request_type)
+        && PyList_GET_SIZE(self->last) == 2 && PyList_GET_ITEM(self->last, 1) != Py_None) {
+        PyObject *app = PyObject_GetAttr(args[0], str_app);
+        if (app == NULL) {
+            return NULL;
+        }
+        int same = app == PyList_GET_ITEM(self->last, 0);
+        Py_DECREF(app);
+        if (same) {
+            PyObject *middleware = Py_NewRef(PyList_GET_ITEM(self->last, 1));
+            PyObject *call_args[2] = {args[0], self->func};
+            PyObject *result = PyObject_Vectorcall(middleware, call_args, 2, NULL);
+            Py_DECREF(middleware);
+            return result;
+        }
+    }
+    return PyObject_Vectorcall(self->reference, args, nargsf, kwnames);
+}
+
+/* MonitoredHandler(func, reference, last, request_type) */
+static PyObject *
+handler_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *func, *reference, *last, *request_type;
+    if (!PyArg_ParseTuple(args, "OOO!O!:MonitoredHandler", &func, &reference, &PyList_Type, &last,
+                          &PyType_Type, &request_type)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(func) || !PyCallable_Check(reference)) {
+        PyErr_SetString(PyExc_TypeError, "MonitoredHandler(): func and reference must be callable");
+        return NULL;
+    }
+    if (PyList_GET_SIZE(last) != 2) {
+        PyErr_SetString(PyExc_ValueError, "MonitoredHandler(): last must be a list of two");
+        return NULL;
+    }
+    MonitoredHandler *self = (MonitoredHandler *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = handler_vectorcall;
+    self->func = Py_NewRef(func);
+    self->reference = Py_NewRef(reference);
+    self->last = Py_NewRef(last);
+    self->request_type = Py_NewRef(request_type);
+    return (PyObject *)self;
+}
+
+/* Bound to an instance as a function is (a web.View's method). */
+static PyObject *
+handler_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+handler_repr(MonitoredHandler *self)
+{
+    return PyUnicode_FromFormat("<lunamon monitored handler %R>", self->func);
+}
+
+/* What inspect reads to tell a coroutine function: the reference's. */
+static PyObject *
+handler_reference_attr(MonitoredHandler *self, void *name)
+{
+    return PyObject_GetAttrString(self->reference, (const char *)name);
+}
+
+static PyGetSetDef handler_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {"__code__", (getter)handler_reference_attr, NULL, "The reference's code.", "__code__"},
+    {"__defaults__", (getter)handler_reference_attr, NULL, NULL, "__defaults__"},
+    {"__kwdefaults__", (getter)handler_reference_attr, NULL, NULL, "__kwdefaults__"},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MonitoredHandlerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lunamon._speedups.MonitoredHandler",
+    .tp_basicsize = sizeof(MonitoredHandler),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A handler decorated with @monitor_request, compiled for the common call.",
+    .tp_traverse = (traverseproc)handler_traverse,
+    .tp_clear = (inquiry)handler_clear,
+    .tp_dealloc = (destructor)handler_dealloc,
+    .tp_repr = (reprfunc)handler_repr,
+    .tp_vectorcall_offset = offsetof(MonitoredHandler, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = handler_descr_get,
+    .tp_getset = handler_getset,
+    .tp_dictoffset = offsetof(MonitoredHandler, dict),
+    .tp_weaklistoffset = offsetof(MonitoredHandler, weakreflist),
+    .tp_new = handler_new,
+};
+
 static PyMethodDef methods[] = {
     {"point_time", point_time, METH_O,
      "point_time(now_ns) -> int: a point time never given before, ending in the slot."},
@@ -2265,13 +2427,14 @@ PyInit__speedups(void)
         || (str_time_ns = PyUnicode_InternFromString("time_ns")) == NULL
         || (str_value = PyUnicode_InternFromString("value")) == NULL
         || (str_handler = PyUnicode_InternFromString("handler")) == NULL
-        || (str_append = PyUnicode_InternFromString("append")) == NULL) {
+        || (str_append = PyUnicode_InternFromString("append")) == NULL
+        || (str_app = PyUnicode_InternFromString("app")) == NULL) {
         return NULL;
     }
     if (PyType_Ready(&CollectorCoreType) < 0 || PyType_Ready(&MonitoredType) < 0
         || PyType_Ready(&RunnerType) < 0 || PyType_Ready(&ReadyType) < 0
         || PyType_Ready(&PrepareGateType) < 0 || PyType_Ready(&ChannelCoreType) < 0
-        || PyType_Ready(&EmitterType) < 0) {
+        || PyType_Ready(&EmitterType) < 0 || PyType_Ready(&MonitoredHandlerType) < 0) {
         return NULL;
     }
     if (ready_singleton == NULL && (ready_singleton = PyObject_New(PyObject, &ReadyType)) == NULL) {
@@ -2291,7 +2454,9 @@ PyInit__speedups(void)
         || PyModule_AddObjectRef(module, "PrepareGate", (PyObject *)&PrepareGateType) < 0
         || PyModule_AddObjectRef(module, "READY", ready_singleton) < 0
         || PyModule_AddObjectRef(module, "ChannelCore", (PyObject *)&ChannelCoreType) < 0
-        || PyModule_AddObjectRef(module, "Emitter", (PyObject *)&EmitterType) < 0) {
+        || PyModule_AddObjectRef(module, "Emitter", (PyObject *)&EmitterType) < 0
+        || PyModule_AddObjectRef(module, "MonitoredHandler", (PyObject *)&MonitoredHandlerType)
+               < 0) {
         Py_DECREF(module);
         return NULL;
     }

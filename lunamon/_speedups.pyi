@@ -93,3 +93,17 @@ class Emitter:
         self, channels: list[Any], taps: list[Any], emit: Callable[[Point], None]
     ) -> None: ...
     def __call__(self, point: Point, /) -> None: ...
+
+class MonitoredHandler:
+    """A handler decorated with @monitor_request, compiled for the common call."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        reference: Callable[..., Any],
+        last: list[Any],
+        request_type: type,
+        /,
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, instance: Any, owner: Any = None) -> Any: ...

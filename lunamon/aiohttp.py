@@ -8,16 +8,19 @@ with :func:`monitor_request`) and ties delivery to the app's lifecycle.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from lunamon._recorder import ErrorCodeGetter, RequestRecorder
 from lunamon.collector import current
 from lunamon.errors import SettingsError
 from lunamon.monitoring import Monitoring
+from lunamon.point import compiled_speedups
 from lunamon.settings import ENV_PREFIX, MonitoringSettings, SinkSettings
 from lunamon.sinks.base import Sink
 
@@ -30,6 +33,7 @@ MONITORING_KEY: Final = web.AppKey("lunamon_monitoring", Monitoring)
 RECORDER_KEY: Final = web.AppKey("lunamon_recorder", RequestRecorder)
 
 _current_get = current.get
+_compiled = compiled_speedups()  # @monitor_request's common call compiled, when built
 
 
 def _find_recorder(request: web.Request) -> RequestRecorder | None:
@@ -55,10 +59,13 @@ def _monitored(func: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
 
     A ``functools.wraps`` wrapper rather than wrapt's: wrapt 2.5 probes
     ``__self__`` on every call (~1.4 µs), and a handler needs no descriptor magic.
+    With the extension built it is ``_speedups.MonitoredHandler`` around this
+    coroutine function (the reference), which calls the middleware itself for
+    ``handler(request)`` with a request of the app in ``last``.
     """
 
-    # The recorder of the app this handler last served (an app's recorder never changes once
-    # it serves): no Application.get per request.
+    # The app this handler last served and its recorder's middleware (an app's recorder
+    # never changes once it serves): no Application.get per request.
     last: list[Any] = [None, None]
 
     async def monitored_handler(*args: Any, **kwargs: Any) -> web.StreamResponse:
@@ -67,30 +74,36 @@ def _monitored(func: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
             if _current_get() is None:
                 app = plain.app
                 if app is last[0]:
-                    recorder: RequestRecorder | None = last[1]
+                    middleware: Middleware | None = last[1]
                 else:
                     recorder = _find_recorder(plain)
-                    if recorder is not None:
-                        last[0], last[1] = app, recorder
-                if recorder is not None:
-                    return await recorder.middleware(plain, func)
+                    middleware = None if recorder is None else recorder.middleware
+                    if middleware is not None:
+                        last[0], last[1] = app, middleware
+                if middleware is not None:
+                    return await middleware(plain, func)
             return await func(plain)
         first = args[0] if args else kwargs.get("request")
         request = first.request if isinstance(first, web.View) else first
         plain_call = request is first and len(args) == 1 and not kwargs  # handler(request)
         if not isinstance(request, web.Request) or _current_get() is not None:
             return await func(*args, **kwargs)
-        recorder = _find_recorder(request)
-        if recorder is None:
+        found = _find_recorder(request)
+        if found is None:
             return await func(*args, **kwargs)
         if plain_call:
-            return await recorder.middleware(request, func)
-        return await recorder.middleware(
-            request, functools.partial(_call_through, func, args, kwargs)
-        )
+            return await found.middleware(request, func)
+        return await found.middleware(request, functools.partial(_call_through, func, args, kwargs))
 
     # functools.wraps called, not used as a decorator: mutmut mutates undecorated code only.
-    return functools.wraps(func)(monitored_handler)
+    reference = functools.wraps(func)(monitored_handler)
+    if _compiled is None:
+        return reference
+    compiled = _compiled.MonitoredHandler(func, reference, last, web.Request)
+    # inspect sees a coroutine function by its __code__ (the reference's), as it sees a
+    # Cython function; Python 3.12+ also by the mark it puts for that.
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    return functools.wraps(func)(compiled if mark is None else mark(compiled))
 
 
 def monitor_request(func: Any = None) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
 import re
@@ -13,12 +14,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 from servers import free_port
 
 import lunamon
 from lunamon import MONITORING_KEY, MemorySink, Point
 from lunamon.demo.service import SUBSTEPS, create_app
+from lunamon.point import compiled_speedups
 from lunamon.testing import CapturedPoints
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
@@ -304,6 +306,84 @@ async def test_monitor_request_without_middleware(aiohttp_client: ClientFactory)
         ("GET:/monitored/{handlerId}", "h7", {"request_id", "execution_time", "step_time"}),
         ("GET:/view", None, {"request_id", "execution_time", "step_time"}),
     ]
+
+
+def test_monitor_request_is_a_coroutine_function_bound_as_a_method() -> None:
+    """What aiohttp (a coroutine function, or it wraps the handler), ``@timed`` and
+    ``inspect.signature`` read, compiled or not."""
+
+    @lunamon.monitor_request
+    async def handler(request: web.Request, suffix: str = "") -> web.Response:
+        """The doc."""
+        return web.Response(text=suffix)
+
+    class ThingView(web.View):
+        @lunamon.monitor_request
+        async def get(self) -> web.Response:
+            return web.Response()
+
+    compiled = compiled_speedups() is not None
+    assert (type(handler).__name__ == "MonitoredHandler") is compiled
+    assert inspect.iscoroutinefunction(handler)
+    assert asyncio.iscoroutinefunction(handler)
+    assert inspect.iscoroutinefunction(lunamon.timed("step_time")(handler))
+    assert inspect.iscoroutinefunction(ThingView.get)
+    assert (handler.__name__, handler.__qualname__, handler.__doc__) == (
+        "handler",
+        "test_monitor_request_is_a_coroutine_function_bound_as_a_method.<locals>.handler",
+        "The doc.",
+    )
+    assert str(inspect.signature(handler)) == str(inspect.signature(handler.__wrapped__))
+    view = ThingView(make_mocked_request("GET", "/"))
+    assert view.get.__self__ is view
+    assert view.get.__func__ is ThingView.__dict__["get"]
+
+
+async def test_monitor_request_calls_the_middleware_itself_once_it_knows_the_app(
+    aiohttp_client: ClientFactory,
+) -> None:
+    """With the extension built, ``handler(request)`` for the app the handler last served
+    is the middleware's own awaitable, no coroutine of lunamon's between; every other call
+    (another app, more arguments, a request monitored already) is the reference's."""
+
+    @lunamon.monitor_request
+    async def hello(request: web.Request, suffix: str = "") -> web.Response:
+        return web.Response(text="hi" + suffix)
+
+    coroutines: list[bool] = []
+
+    async def probe(request: web.Request) -> web.StreamResponse:
+        awaitable: Awaitable[web.StreamResponse] = hello(request)
+        coroutines.append(inspect.iscoroutine(awaitable))
+        return await awaitable
+
+    async def suffixed(request: web.Request) -> web.StreamResponse:
+        awaitable: Awaitable[web.StreamResponse] = hello(request, suffix="!")
+        coroutines.append(inspect.iscoroutine(awaitable))
+        return await awaitable
+
+    @lunamon.monitor_request
+    async def outer(request: web.Request) -> web.StreamResponse:
+        response: web.StreamResponse = await hello(request)  # monitored already: as outer
+        return response
+
+    sink = MemorySink()
+    app = web.Application()
+    app.router.add_get("/probe", probe)
+    app.router.add_get("/hello", hello)
+    app.router.add_get("/suffixed", suffixed)
+    app.router.add_get("/outer", outer)
+    monitoring = lunamon.setup(app, service="svc", sinks=[sink], middleware=False)
+    client = await aiohttp_client(app)
+    texts = [await (await client.get(path)).text() for path in ("/probe", "/hello", "/probe")]
+    texts += [await (await client.get(path)).text() for path in ("/suffixed", "/outer")]
+    assert texts == ["hi", "hi", "hi", "hi!", "hi"]
+    compiled = compiled_speedups() is not None
+    assert coroutines == [True, not compiled, True]
+    await monitoring.flush()
+    routes = ["probe", "hello", "probe", "suffixed", "outer"]
+    assert [p.tags["route"] for p in sink.points] == [f"GET:/{route}" for route in routes]
+    assert {p.tags["status_code"] for p in sink.points} == {"200"}
 
 
 async def test_one_monitored_handler_in_two_apps_records_into_each_apps_own(

@@ -51,11 +51,11 @@ def test_a_normal_install_encodes_with_the_compiled_encoder() -> None:
 def test_lunamon_pure_python_switches_the_compiled_encoder_and_orjson_off() -> None:
     code = (
         "import lunamon.point as p, lunamon.sinks.clickhouse as c, lunamon._ids as i,"
-        " lunamon._recorder as r, lunamon.collector as k;"
+        " lunamon._recorder as r, lunamon.collector as k, lunamon.aiohttp as a;"
         " print(p._encoder is p._encode_lines and p._line_encoder is p._encode,"
         " c._orjson is None, i.point_time is i._point_time and i.request_id is i._request_id,"
         " r._request_point is r._py_request_point and r._begin is r._py_begin"
-        " and k.RequestCollector.__base__ is k._CollectorFields)"
+        " and k.RequestCollector.__base__ is k._CollectorFields and a._compiled is None)"
     )
     cases: list[tuple[str | None, str]] = [
         ("1", "True"),
