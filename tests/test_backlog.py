@@ -244,15 +244,22 @@ async def test_a_run_too_short_to_pack_is_left_plain() -> None:
     await flusher.close()
 
 
-async def test_a_forked_child_packs_its_own_backlog_again() -> None:
-    sink = DownSink()
-    flusher = await _failing(sink, batch_size=100, buffer_size=10_000)
-    channel = flusher._channels[0]
+async def _behind_a_packed_backlog() -> Flusher:
+    """A flusher whose sink is down, one point in flight and 1,000 behind it, packed."""
+    flusher = await _failing(DownSink(), batch_size=100, buffer_size=10_000)
     for p in _seed_points(1_000):
         flusher.emit(p)
-    assert channel.packed > 0
+    assert flusher._channels[0].packed > 0
+    return flusher
+
+
+async def test_a_forked_child_packs_its_own_backlog_again() -> None:
+    flusher = await _behind_a_packed_backlog()
+    channel = flusher._channels[0]
+    assert channel.failing is not None
     flusher._reset_after_fork()  # what a forked child does: the parent sends these
     assert (channel.packed, len(channel.buffer)) == (0, 0)
+    assert channel.failing is None  # the child's sink has not failed yet
     flusher.emit(Point("request", 1, {}, {"execution_time": 0.5}))
     await flusher.flush()  # the child's own sink is down too
     for p in _seed_points(1_000, start=5_000):
@@ -281,4 +288,106 @@ async def test_buffered_points_behind_a_dead_sink_take_under_400_bytes_each() ->
     assert flusher.stats()["down"]["buffered"] == 20_000  # one in flight, one overflowed
     assert flusher._channels[0].packed > 15_000
     assert used / 20_000 < 400, f"{used / 20_000:.0f} bytes a point"
+    await flusher.close()
+
+
+# ------------------------------------------------------------------ a dead process's points
+# Flusher.emit_to and room: what lunamon.spool replays into one sink's buffer.
+
+
+async def test_replayed_points_keep_the_bound_and_the_counts_of_emit() -> None:
+    sink = DownSink()
+    flusher = await _failing(sink, batch_size=10, buffer_size=20)  # one point in flight
+    channel = flusher._channels[0]
+    assert flusher.room("down") == 10 - 1
+    points = _seed_points(25)
+    assert flusher.emit_to("down", points[:4]) == 1  # the position of the first
+    assert flusher.room("down") == 10 - 5
+    assert flusher.emit_to("down", points[4:]) == 5
+    assert list(channel.buffer) == points[6:]  # 19 beside the one in flight: oldest dropped
+    stats = flusher.stats()["down"]
+    assert (stats["emitted"], stats["buffered"]) == (26, 20)
+    assert {k: n for k, n in stats["dropped"].items() if n} == {"overflow": 6}
+    _assert_invariant(stats)
+    assert flusher.room("down") == 10 - 20
+    await flusher.close()
+
+
+async def test_replayed_points_past_a_batch_in_flight_that_fills_the_bound_are_counted() -> None:
+    sink = DownSink()
+    flusher = _flusher(sink, batch_size=10, buffer_size=10)
+    for p in _seed_points(10):
+        flusher.emit(p)
+    await flusher.flush()  # the whole bound is in flight now, and failed
+    channel = flusher._channels[0]
+    assert (len(channel.buffer), channel.capacity) == (0, 0)
+    assert flusher.emit_to("down", _seed_points(3, start=100)) == 10
+    stats = flusher.stats()["down"]
+    assert (stats["emitted"], stats["buffered"], stats["dropped"]["overflow"]) == (13, 10, 3)
+    assert not channel.buffer
+    await flusher.close()
+
+
+async def test_replayed_points_after_close_are_counted_and_dropped() -> None:
+    sink = DownSink()
+    flusher = _flusher(sink, batch_size=10, buffer_size=20, shutdown_timeout=0.05)
+    await flusher.flush()
+    await flusher.close()
+    before = flusher.stats()["down"]
+    assert flusher.emit_to("down", _seed_points(3)) == before["emitted"]
+    stats = flusher.stats()["down"]
+    assert stats["emitted"] == before["emitted"] + 3
+    assert stats["dropped"]["after_close"] == before["dropped"].get("after_close", 0) + 3
+    assert stats["buffered"] == before["buffered"]
+    _assert_invariant(stats)
+
+
+async def test_replayed_points_wake_the_sink_unless_it_is_backing_off() -> None:
+    sink = DownSink()
+    flusher = _flusher(sink, batch_size=10, buffer_size=20)
+    await flusher.flush()  # started: the sink's task waits on its wake event
+    channel = flusher._channels[0]
+    assert channel.wake is not None
+    channel.wake.clear()
+    channel.backing_off = True  # waiting out a retry delay: not woken early
+    flusher.emit_to("down", _seed_points(1))
+    assert not channel.wake.is_set()
+    channel.backing_off = False
+    flusher.emit_to("down", _seed_points(1))
+    assert channel.wake.is_set()
+    await flusher.close()
+
+
+def test_room_is_half_the_bound_and_at_least_one() -> None:
+    assert _flusher(DownSink(), batch_size=1, buffer_size=3).room("down") == 1
+    assert _flusher(DownSink(), batch_size=1, buffer_size=1).room("down") == 1
+
+
+async def test_the_front_counts_packed_points_as_not_done() -> None:
+    flusher = await _behind_a_packed_backlog()
+    channel = flusher._channels[0]
+    assert flusher.fronts() == {"down": 0}  # the batch in flight holds position 0
+    channel.set_inflight(None)  # as once that batch is done
+    assert flusher.fronts() == {"down": 1}
+    assert flusher.positions() == {"down": 1_001}
+    await flusher.close()
+
+
+async def test_a_point_of_another_type_ends_no_packed_run() -> None:
+    class OwnPoint(Point):
+        __slots__ = ()
+
+    sink = DownSink()
+    flusher = await _failing(sink, batch_size=10, buffer_size=1_000)
+    channel = flusher._channels[0]
+    plain = _seed_points(channel.pack_at)
+    for p in plain:
+        flusher.emit(p)
+    assert channel.packed == 0  # not yet past the point that packs
+    own = OwnPoint("request", 5, {"route": "GET:/own"}, {"execution_time": 0.5})
+    flusher.emit(own)  # packing is due, but the newest point is not the recorder's kind
+    assert channel.packed == 0
+    taken = channel.take(len(channel.buffer))
+    assert taken == [*plain, own]
+    assert type(taken[-1]) is OwnPoint
     await flusher.close()

@@ -14,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from lunamon import BatchTooLarge, MemorySink, MonitoringSettings, Point, SinkError
+from lunamon._backlog import PACK_RUN
 from lunamon.flusher import Flusher, FlushPolicy, SinkStats
 
 
@@ -1169,7 +1170,7 @@ async def test_at_shutdown_the_stored_part_of_a_pending_batch_is_written() -> No
 async def test_a_sink_that_writes_again_after_failing_says_so_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = iter([100.0, 107.5])  # the first failure, then the write that succeeds
+    clock = iter([100.0, 107.12345])  # the first failure, then the write that succeeds
     monkeypatch.setattr("lunamon.flusher._now", lambda: next(clock))
     errors: list[BaseException | None] = [
         ConnectionRefusedError("refused"),
@@ -1180,6 +1181,8 @@ async def test_a_sink_that_writes_again_after_failing_says_so_once(
     channel = flusher._channels[0]
     for i in range(4):
         flusher.emit(point(i))
+    channel.dropped["overflow"] += 1  # as if one was dropped before the outage
+    channel.emitted += 1
     with capture_logs() as logs:
         assert not await flusher._attempt_all(channel)
         assert not await flusher._attempt_all(channel)
@@ -1195,9 +1198,57 @@ async def test_a_sink_that_writes_again_after_failing_says_so_once(
             "event": "sink_recovered",
             "log_level": "info",
             "sink": "scripted",
-            "down_seconds": 7.5,
+            "down_seconds": 7.123,  # to the ms
             "delivered_late": 5,
             "dropped_meanwhile": 2,
         }
     ]
     assert channel.failing is None
+
+
+async def test_a_retryable_error_stores_nothing_whatever_it_counted_delivered() -> None:
+    # Retryable means the sink cannot say what it stored: the whole batch is sent again.
+    sink = ScriptedSink([SinkError("503", retryable=True, status=503, delivered=2)])
+    flusher = Flusher([sink], FAST)
+    channel = flusher._channels[0]
+    for i in range(4):
+        flusher.emit(point(i))
+    assert not await flusher._attempt_all(channel)
+    assert flusher.stats()["scripted"]["written"] == 0
+    assert await flusher._attempt_all(channel)
+    assert sink.written == [0, 1, 2, 3]
+    stats = flusher.stats()["scripted"]
+    assert (stats["written"], stats["retries"]) == (4, 1)
+    assert_invariant(stats)
+
+
+async def test_a_batch_taken_behind_a_packed_backlog_holds_the_front_at_its_first_point() -> None:
+    # lunamon.spool acknowledges up to the front: a batch partly stored must hold it at
+    # the batch's first point until the batch is done, packed points behind it or not.
+    sink = PartSink([ConnectionRefusedError("down"), None, SinkError("503", retryable=True)])
+    flusher = part_flusher(sink)  # points 0..7: the first batch
+    channel = flusher._channels[0]
+    assert not await flusher._attempt_all(channel)  # down: 0..7 stay in flight
+    for i in range(8, 8 + 8 + 2 * PACK_RUN):
+        flusher.emit(point(i))
+    assert channel.packed > 0
+    assert not await flusher._attempt_all(channel)  # 0..7 stored, then 8..15 half stored
+    assert sink.seen[1:] == [list(range(8)), list(range(8, 16))]
+    assert [p.time_ns for p in channel.inflight or ()] == [9, 11, 13, 15]
+    assert flusher.fronts() == {"scripted": 8}
+    await flusher.close()
+
+
+async def test_a_failed_write_the_sink_stored_all_the_same_goes_on_to_the_next_batch() -> None:
+    # E.g. ClickHouse answering late: the sink found every row stored (nothing pending).
+    stored = SinkError("answer lost", retryable=True, status=503, pending=[])
+    sink = ScriptedSink([stored])
+    flusher = Flusher([sink], FAST)
+    channel = flusher._channels[0]
+    for i in range(15):
+        flusher.emit(point(i))
+    assert await flusher._attempt_all(channel)  # both batches done, no wait for a retry
+    assert sink.written == list(range(10, 15))  # the first raised, but was stored
+    stats = flusher.stats()["scripted"]
+    assert (stats["written"], stats["retries"], stats["buffered"]) == (15, 0, 0)
+    assert_invariant(stats)
