@@ -8,7 +8,6 @@ with :func:`monitor_request`) and ties delivery to the app's lifecycle.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -83,27 +82,25 @@ def _monitored(func: Callable[..., Awaitable[web.StreamResponse]]) -> Any:
                 if middleware is not None:
                     return await middleware(plain, func)
             return await func(plain)
+        # A web.View's method, more arguments, a subclass of web.Request: the handler is
+        # called with its own arguments once the recorder runs.
         first = args[0] if args else kwargs.get("request")
         request = first.request if isinstance(first, web.View) else first
-        plain_call = request is first and len(args) == 1 and not kwargs  # handler(request)
         if not isinstance(request, web.Request) or _current_get() is not None:
             return await func(*args, **kwargs)
         found = _find_recorder(request)
         if found is None:
             return await func(*args, **kwargs)
-        if plain_call:
-            return await found.middleware(request, func)
         return await found.middleware(request, functools.partial(_call_through, func, args, kwargs))
 
     # functools.wraps called, not used as a decorator: mutmut mutates undecorated code only.
     reference = functools.wraps(func)(monitored_handler)
     if _compiled is None:
         return reference
-    compiled = _compiled.MonitoredHandler(func, reference, last, web.Request)
     # inspect sees a coroutine function by its __code__ (the reference's), as it sees a
-    # Cython function; Python 3.12+ also by the mark it puts for that.
-    mark = getattr(inspect, "markcoroutinefunction", None)
-    return functools.wraps(func)(compiled if mark is None else mark(compiled))
+    # Cython function.
+    compiled = _compiled.MonitoredHandler(func, reference, last, web.Request)
+    return functools.wraps(func)(compiled)
 
 
 def monitor_request(func: Any = None) -> Any:

@@ -408,8 +408,8 @@ async def test_one_monitored_handler_in_two_apps_records_into_each_apps_own(
     bare[name_key] = "bare"
     bare.router.add_get("/", shared)
     bare_client = await aiohttp_client(bare)
-    for client in (*clients, *clients, bare_client, clients[0]):
-        await (await client.get("/")).read()
+    texts = [await (await c.get("/")).text() for c in (*clients, *clients, bare_client, clients[0])]
+    assert texts == ["a", "b", "a", "b", "bare", "a"]
     for monitoring in monitorings:
         await monitoring.flush()
     assert [[p.tags["service"] for p in sink.points] for sink in sinks] == [["a"] * 3, ["b"] * 2]
@@ -1045,6 +1045,13 @@ def test_settings_given_as_a_mapping_read_the_environment_and_are_named_in_error
     assert (caught.value.source, caught.value.key) == (
         "setup(settings=...)",
         "monitoring.batch_size",
+    )
+    table = {"type": "influxdb", "password": "p"}  # refused when the sink is built
+    with pytest.raises(SettingsError) as caught:
+        lunamon.setup(web.Application(), settings={"service": "s", "sinks": [table]})
+    assert (caught.value.source, caught.value.key) == (
+        "setup(settings=...)",  # the mapping's sinks, not setup()'s own sinks=
+        "monitoring.sinks[0].password",
     )
 
 
