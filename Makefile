@@ -95,7 +95,7 @@ clean:
 # Mutation testing (RELIABILITY.md 34, docs/mutation.md): mutmut mutates the modules below and
 # runs, for each mutant, only the fast unit tests that reach the mutated function (no real
 # servers, no `-m slow`). Not part of `make test`. Each run starts afresh (a kept result
-# would hide a test since removed); about 35 minutes on 2 cores for all the modules, or
+# would hide a test since removed); over an hour on 2 cores for all the modules, or
 # some: `make mutate MUTATE_MODULES="lunamon/flusher.py"`. It ends with the score per
 # module and every mutant not killed; `cd .mutmut && ../.venv/bin/mutmut show <name>`
 # shows one, `... mutmut run <name>` tests it again (docs/mutation.md).
